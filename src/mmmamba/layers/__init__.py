@@ -1,0 +1,1 @@
+"""Token mixers (attention, Mamba-2), MLP, norms and RoPE."""

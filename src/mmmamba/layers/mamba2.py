@@ -1,0 +1,158 @@
+"""The mmMamba student mixer (METHOD.md §2) and its seeding from an attention layer (§2.2).
+
+u -> q = W_Q u, k = W_K u, v = W_V u -> causal depthwise conv over [v | k | q] -> SiLU
+  -> SSD with x = v, B = k, C = q (k, v repeated to the query heads for GQA),
+     Delta = softplus(W_gamma u + dt_bias), A = -exp(A_log)
+  -> per-head RMSNorm(y) * SiLU(W_G u) -> W_O.
+No RoPE and no 1/sqrt(d) scaling on the student path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import causal_conv1d, causal_conv1d_step, ssd, ssd_step
+from .norm import GatedRMSNorm
+
+SEED_MODES = ("mimic", "inherit", "scratch")
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        H, h, kv, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, h, kv, d
+        self.chunk_size = config.mamba_chunk_size
+        self.q_proj = nn.Linear(H, h * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, kv * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, kv * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(h * d, H, bias=config.o_bias)
+        self.conv_dim = 2 * kv * d + h * d
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.mamba_d_conv, groups=self.conv_dim, bias=True)
+        self.dt_proj = nn.Linear(H, h, bias=False)  # W_gamma
+        self.dt_bias = nn.Parameter(torch.zeros(h))
+        self.A_log = nn.Parameter(torch.ones(h))
+        self.g_proj = nn.Linear(H, h * d, bias=False)  # W_G
+        self.g_norm = GatedRMSNorm(d, eps=config.mamba_gate_norm_eps)
+        self.ssd_backend = "auto"
+
+    # -- parameters ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_ssm_parameters(self, mimic: bool = True, generator: torch.Generator | None = None):
+        """Initial values of the new parameters (METHOD.md §2.2). mimic=True: identity conv, W_gamma = 0,
+        dt = softplus(dt_bias) ~ logU[1e-3, 1e-1], A_log = 1; else PyTorch defaults, dt_bias = 0 and
+        A_log = log U(1, 16). W_G: xavier_uniform(gain 2^-2.5); gate norm weight 1 (both modes)."""
+        dev = self.dt_bias.device
+        if mimic:
+            self.conv1d.weight.zero_()
+            self.conv1d.weight[:, 0, -1] = 1.0  # the current token's tap: identity conv
+            self.conv1d.bias.zero_()
+            self.dt_proj.weight.zero_()
+            u = torch.rand(self.num_heads, generator=generator, device=dev)
+            dt = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-3)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.A_log.fill_(1.0)
+        else:
+            _default_reset(self.conv1d, generator)
+            _default_reset(self.dt_proj, generator)
+            self.dt_bias.zero_()
+            self.A_log.copy_(torch.log(torch.empty(self.num_heads, device=dev).uniform_(1, 16, generator=generator)))
+        w = torch.empty_like(self.g_proj.weight)
+        nn.init.xavier_uniform_(w, gain=2**-2.5, generator=generator)
+        self.g_proj.weight.copy_(w)
+        self.g_norm.weight.fill_(1.0)
+
+    @torch.no_grad()
+    def init_from_attention(self, attn: nn.Module, mode: str = "mimic", generator: torch.Generator | None = None):
+        """Seed from a teacher attention layer: C <- W_Q, B <- W_K, x <- W_V, output <- W_O.
+
+        mode: "mimic" (inherit Q, K, V + attention-mimicking SSM values; the paper's choice),
+        "inherit" (inherit Q, K, V, default SSM values) or "scratch" (fresh Q, K, V). W_O is inherited in
+        every mode, as in the authors' code (Table 4)."""
+        if mode not in SEED_MODES:
+            raise ValueError(f"seed mode {mode!r} unknown; choose one of {SEED_MODES}")
+        names = ("q_proj", "k_proj", "v_proj", "o_proj") if mode != "scratch" else ("o_proj",)
+        for name in names:
+            src, dst = getattr(attn, name), getattr(self, name)
+            if src.weight.shape != dst.weight.shape:
+                raise ValueError(f"{name}: teacher weight {tuple(src.weight.shape)} != {tuple(dst.weight.shape)}")
+            dst.weight.copy_(src.weight)
+            if dst.bias is not None:
+                dst.bias.copy_(src.bias)
+        if mode == "scratch":
+            for name in ("q_proj", "k_proj", "v_proj"):
+                _default_reset(getattr(self, name), generator)
+        self.reset_ssm_parameters(mimic=mode == "mimic", generator=generator)
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def _split(self, xBC, b, l):
+        kvd = self.num_kv_heads * self.head_dim
+        v, k, q = xBC.split([kvd, kvd, self.num_heads * self.head_dim], dim=-1)
+        rep = self.num_heads // self.num_kv_heads
+        v = v.reshape(b, l, self.num_kv_heads, self.head_dim).repeat_interleave(rep, dim=2)
+        k = k.reshape(b, l, self.num_kv_heads, self.head_dim).repeat_interleave(rep, dim=2)
+        return v, k, q.reshape(b, l, self.num_heads, self.head_dim)
+
+    def heads(self, u, mask=None, state=None):
+        """Per-head output before W_O: (b, l, h, d). mask (b, l): 0 marks (left) padding, whose inputs are
+        zeroed before and after the conv so that padded rows equal unpadded ones. state: SSMState or None."""
+        b, l, _ = u.shape
+        xBC = torch.cat([self.v_proj(u), self.k_proj(u), self.q_proj(u)], dim=-1)
+        m = None if mask is None else mask[..., None].to(xBC.dtype)
+        if m is not None:
+            xBC = xBC * m
+        w, cb = self.conv1d.weight[:, 0], self.conv1d.bias
+        dt = F.softplus(self.dt_proj(u).float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        if state is not None and state.ssm is not None and l == 1:
+            xc, state.conv = causal_conv1d_step(xBC[:, 0], w, cb, state.conv)
+            xc = F.silu(xc)[:, None]
+            if m is not None:
+                xc = xc * m
+            v, k, q = self._split(xc, b, 1)
+            y, state.ssm = ssd_step(state.ssm, v[:, 0], dt[:, 0], A, k[:, 0], q[:, 0])
+            y = y[:, None]
+        else:
+            xc, conv_state = causal_conv1d(xBC, w, cb, None if state is None else state.conv)
+            xc = F.silu(xc)
+            if m is not None:
+                xc = xc * m
+            v, k, q = self._split(xc, b, l)
+            init = None if state is None else state.ssm
+            y, final = ssd(v, dt, A, k, q, initial_state=init, backend=self.ssd_backend, chunk_size=self.chunk_size)
+            if state is not None:
+                state.conv, state.ssm = conv_state, final.float()
+        g = self.g_proj(u).view(b, l, self.num_heads, self.head_dim)
+        return self.g_norm(y, g)
+
+    def forward(self, u, mask=None, state=None):
+        y = self.heads(u, mask, state)
+        return self.o_proj(y.reshape(*u.shape[:2], -1))
+
+
+class SSMState:
+    """Recurrent state of one Mamba-2 layer: conv (b, conv_dim, d_conv-1) and ssm (b, h, n, p) in fp32."""
+
+    def __init__(self):
+        self.conv = self.ssm = None
+
+    def select(self, idx):
+        if self.ssm is not None:
+            self.conv, self.ssm = self.conv[idx], self.ssm[idx]
+
+    def nbytes(self) -> int:
+        return 0 if self.ssm is None else self.conv.nbytes + self.ssm.nbytes
+
+
+def _default_reset(module: nn.Module, generator=None):
+    """PyTorch's default Linear/Conv init (kaiming_uniform a=sqrt(5)), optionally from a generator."""
+    w = module.weight
+    fan_in = w[0].numel()
+    bound = 1 / math.sqrt(fan_in)
+    w.copy_(torch.empty_like(w).uniform_(-bound, bound, generator=generator))
+    if module.bias is not None:
+        module.bias.copy_(torch.empty_like(module.bias).uniform_(-bound, bound, generator=generator))
