@@ -46,13 +46,12 @@ class Mamba2Mixer(nn.Module):
         """Initial values of the new parameters (METHOD.md §2.2). mimic=True: identity conv, W_gamma = 0,
         dt = softplus(dt_bias) ~ logU[1e-3, 1e-1], A_log = 1; else PyTorch defaults, dt_bias = 0 and
         A_log = log U(1, 16). W_G: xavier_uniform(gain 2^-2.5); gate norm weight 1 (both modes)."""
-        dev = self.dt_bias.device
         if mimic:
             self.conv1d.weight.zero_()
             self.conv1d.weight[:, 0, -1] = 1.0  # the current token's tap: identity conv
             self.conv1d.bias.zero_()
             self.dt_proj.weight.zero_()
-            u = torch.rand(self.num_heads, generator=generator, device=dev)
+            u = torch.rand(self.num_heads, generator=generator)
             dt = torch.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-3)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
             self.A_log.fill_(1.0)
@@ -60,8 +59,8 @@ class Mamba2Mixer(nn.Module):
             _default_reset(self.conv1d, generator)
             _default_reset(self.dt_proj, generator)
             self.dt_bias.zero_()
-            self.A_log.copy_(torch.log(torch.empty(self.num_heads, device=dev).uniform_(1, 16, generator=generator)))
-        w = torch.empty_like(self.g_proj.weight)
+            self.A_log.copy_(torch.log(torch.empty(self.num_heads).uniform_(1, 16, generator=generator)))
+        w = torch.empty(self.g_proj.weight.shape)  # drawn on the CPU so a CPU generator also seeds CUDA params
         nn.init.xavier_uniform_(w, gain=2**-2.5, generator=generator)
         self.g_proj.weight.copy_(w)
         self.g_norm.weight.fill_(1.0)
@@ -151,8 +150,7 @@ class SSMState:
 def _default_reset(module: nn.Module, generator=None):
     """PyTorch's default Linear/Conv init (kaiming_uniform a=sqrt(5)), optionally from a generator."""
     w = module.weight
-    fan_in = w[0].numel()
-    bound = 1 / math.sqrt(fan_in)
-    w.copy_(torch.empty_like(w).uniform_(-bound, bound, generator=generator))
+    bound = 1 / math.sqrt(w[0].numel())
+    w.copy_(torch.empty(w.shape).uniform_(-bound, bound, generator=generator))
     if module.bias is not None:
-        module.bias.copy_(torch.empty_like(module.bias).uniform_(-bound, bound, generator=generator))
+        module.bias.copy_(torch.empty(module.bias.shape).uniform_(-bound, bound, generator=generator))

@@ -1,0 +1,116 @@
+"""`mmmamba` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def _load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        return None
+
+
+def cmd_seed(args) -> int:
+    from .io import save_model
+    from .seed import seed_student
+    from .teachers.hf import load_teacher, resolve_teacher
+
+    if args.attention_layers and args.placement:
+        raise SystemExit("give either --attention-layers or --placement, not both")
+    path = resolve_teacher(args.teacher)
+    teacher = load_teacher(path)
+    student = seed_student(teacher, args.attention_layers or args.placement, mode=args.init, seed=args.seed)
+    manifest = {"stage": "seed", "teacher": str(path), "init": args.init, "layer_types": student.config.layer_types}
+    save_model(student, args.out, _load_tokenizer(path), {"mmmamba_manifest.json": json.dumps(manifest, indent=2)})
+    n_attn = len(student.config.attention_layers)
+    print(f"seeded {args.out}: {len(student.config.mamba_layers)} Mamba-2 + {n_attn} attention layers "
+          f"(attention at {student.config.attention_layers})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
+    from .io import load_model
+
+    model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
+    tok = _load_tokenizer(args.model)
+    if tok is None:
+        raise SystemExit(f"{args.model} has no tokenizer files; save one beside the weights")
+    prompt = args.prompt
+    pixel_values = None
+    if args.image:
+        from .models.image_processing import build_image_prompt
+
+        prompt, pixel_values = build_image_prompt(model.config, tok, args.image, prompt, max_tiles=args.max_tiles)
+    elif args.chat and getattr(tok, "chat_template", None):
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(args.device, model.dtype)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values,
+                   max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
+                   generator=gen)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmmamba", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("seed", help="create a Mamba-2 / hybrid student seeded from a teacher's attention")
+    s.add_argument("--teacher", required=True, help="teacher folder (transformers, HoVLE or mmmamba) or 'smollm2'")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--attention-layers", help="comma-separated layers kept as attention, e.g. 0,4,8")
+    s.add_argument("--placement", help="every:K | tail-interleaved:K | head-stacked:N | tail-stacked:N")
+    s.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch"],
+                   help="Table 4 ablation: inherit Q,K,V + mimic (default), inherit only, or from scratch")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_seed)
+
+    g = sub.add_parser("generate", help="generate text (optionally about an image) with a model folder")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--image", help="image file (models with a vision front)")
+    g.add_argument("--max-tiles", type=int, default=6)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the tokenizer's chat template (default on)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="float32")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"mmmamba {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

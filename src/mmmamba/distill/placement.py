@@ -1,0 +1,53 @@
+"""Which layers stay softmax attention in a hybrid (METHOD.md §4)."""
+
+from __future__ import annotations
+
+
+def parse_placement(spec: str | list[int] | None, num_layers: int) -> list[int]:
+    """Attention-layer indices from a placement spec.
+
+    "every:K" / "head-interleaved:K": first layer of each block of K (paper default K = 4)
+    "tail-interleaved:K": last layer of each block of K
+    "head-stacked:N" / "tail-stacked:N": the first / last N layers
+    "0,4,8" or a list: explicit indices; "none" or None: no attention (mmMamba-linear).
+    """
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "linear")):
+        return []
+    if isinstance(spec, (list, tuple)):
+        layers = [int(i) for i in spec]
+    elif ":" in spec:
+        kind, _, arg = spec.partition(":")
+        kind = kind.strip().lower()
+        try:
+            k = int(arg)
+        except ValueError:
+            raise ValueError(f"placement {spec!r}: {arg!r} is not an integer") from None
+        if k <= 0:
+            raise ValueError(f"placement {spec!r}: the number must be positive")
+        if kind in ("every", "head-interleaved"):
+            layers = list(range(0, num_layers, k))
+        elif kind == "tail-interleaved":
+            layers = list(range(k - 1, num_layers, k))
+        elif kind == "head-stacked":
+            layers = list(range(min(k, num_layers)))
+        elif kind == "tail-stacked":
+            layers = list(range(max(0, num_layers - k), num_layers))
+        else:
+            raise ValueError(
+                f"placement kind {kind!r} unknown; use every:K, head-interleaved:K, tail-interleaved:K, "
+                "head-stacked:N, tail-stacked:N, auto:N or a comma-separated list"
+            )
+    else:
+        try:
+            layers = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"placement {spec!r} is not a list of layer indices like '0,4,8'") from None
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"attention layers {bad} out of range for a {num_layers}-layer model")
+    return sorted(set(layers))
+
+
+def layer_types_for(attention_layers: list[int], num_layers: int) -> list[str]:
+    keep = set(attention_layers)
+    return ["attention" if i in keep else "mamba2" for i in range(num_layers)]

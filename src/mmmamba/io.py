@@ -1,0 +1,95 @@
+"""Atomic folder writes and checked model loading (safetensors only)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike):
+    """Yield a temporary sibling folder; on success it replaces `out` in one rename."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_model_folder(path: str | os.PathLike) -> Path:
+    """Raise a clear error for a missing folder / config / weights or an unreadable safetensors file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    cfg = path / "config.json"
+    if not cfg.exists():
+        raise FileNotFoundError(f"{cfg} is missing: not a model folder")
+    try:
+        json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg} is not valid JSON: {e}") from e
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path} (mmmamba never loads pickled .bin files)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    sf.get_slice(k).get_shape()
+            size = f.stat().st_size
+            with open(f, "rb") as fh:
+                header = int.from_bytes(fh.read(8), "little")
+                meta = json.loads(fh.read(header))
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            if 8 + header + end != size:
+                raise ValueError(f"expected {8 + header + end} bytes, found {size}")
+        except Exception as e:  # safetensors raises its own error types
+            raise ValueError(f"weights file {f} is truncated or corrupt ({e}); re-create or re-download it") from e
+    return path
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None):
+    """Load an mmmamba model folder after checking its files."""
+    from .models import MMMambaForCausalLM
+
+    path = check_model_folder(path)
+    model = MMMambaForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def save_model(model, out: str | os.PathLike, tokenizer=None, extra: dict[str, str] | None = None) -> Path:
+    """save_pretrained (safetensors) + tokenizer + extra text files, written atomically."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+    return Path(out)
