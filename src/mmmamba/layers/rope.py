@@ -10,7 +10,8 @@ from torch import nn
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/d), optionally rescaled ("linear" or "llama3" rope_type)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    # fp32, exactly as transformers / InternLM2 compute it, so converted teachers match bit for bit
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv.float()

@@ -103,8 +103,64 @@ def fla_available() -> bool:
     return torch.cuda.is_available() and _fla_simple_gla() is not None
 
 
+@functools.lru_cache(maxsize=1)
+def fla_backward_ok() -> bool:
+    """fla-core refuses its gated backward on Hopper with Triton in [3.4, 3.7.1) unless tilelang is installed
+    (fla issue #640: wrong results); mirror that check so training never hits the refusal."""
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except Exception:
+        return True
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return True
+    try:
+        import tilelang  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class _FlaForwardTorchBackward(torch.autograd.Function):
+    """fla-core forward; backward by recomputing the chunked torch algorithm (used where fla's own gated
+    backward is known to be wrong)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, S0):
+        ctx.save_for_backward(x, dt, A, B, C, S0)
+        with torch.no_grad():
+            return _ssd_fla_raw(x, dt, A, B, C, S0)
+
+    @staticmethod
+    def backward(ctx, gy, gS):
+        saved = ctx.saved_tensors
+        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved]
+        with torch.enable_grad():
+            y, S = ssd_chunked(*inputs[:5], initial_state=inputs[5])
+            outs, grads_out = [y], [gy]
+            if gS is not None:
+                outs.append(S)
+                grads_out.append(gS)
+            wrt = [t for t in inputs if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(outs, wrt, grads_out, allow_unused=True))
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
+
+
+def _ssd_fla_raw(x, dt, A, B, C, S0):
+    fn = _fla_simple_gla()
+    g = dt.float() * A.float()
+    v = (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
+    return fn(q=C.to(x.dtype), k=B.to(x.dtype), v=v, g=g, scale=1.0,
+              initial_state=None if S0 is None else S0.float(), output_final_state=True)
+
+
 def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     """fla-core `chunk_simple_gla` with q=C, k=B, v=dt*x, g=dt*A, scale=1 (CUDA only)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_state)
+    )
+    if needs_grad and not fla_backward_ok():
+        y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, initial_state)
+        return _finish(y, x, D).to(x.dtype), S
     fn = _fla_simple_gla()
     g = dt.float() * A.float()
     v = (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)

@@ -141,7 +141,7 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         from ..io import load_model
 
         return load_model(path, dtype=dtype)
-    if model_type in ("internvl_chat", "hovle", "mmMamba", "mmmamba_hf"):
+    if model_type in ("internvl_chat", "hovle", "mmMamba", "mmMamba_chat", "mmmamba_hf"):
         from .hovle import load_hovle
 
         return load_hovle(path, dtype=dtype)

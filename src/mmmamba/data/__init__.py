@@ -1,0 +1,19 @@
+"""Offline corpora: text that ships with Python or Debian, and small image + text sets (docs/ASSETS.md)."""
+
+from .corpora import (
+    fashion_mnist_jsonl,
+    heldout_keys,
+    pydoc_documents,
+    pydoc_topics,
+    python_docs_files,
+    write_pydoc_corpus,
+)
+
+__all__ = [
+    "fashion_mnist_jsonl",
+    "heldout_keys",
+    "pydoc_documents",
+    "pydoc_topics",
+    "python_docs_files",
+    "write_pydoc_corpus",
+]

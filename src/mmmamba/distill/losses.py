@@ -1,0 +1,97 @@
+"""Distillation losses (METHOD.md §3): layer-wise MSE for stages 1-2, KL (+ optional CE) for stage 3.
+
+Padding never counts (the authors average over padding too; METHOD.md §8 item 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.kl import chunked_kl_ce
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error over the tokens where `mask` is true and all their features, in fp32.
+
+    pred, target: (b, l, ...) (per-head outputs (b, l, h, d) or layer outputs (b, l, H)); mask: (b, l) bool/0-1,
+    None = every token. A batch with no unmasked token gives 0 (and a zero gradient), never NaN."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    sq = (pred.float() - target.float()).pow(2)
+    per_token = sq.flatten(2).sum(-1) if sq.dim() > 2 else sq  # (b, l)
+    feats = sq[0, 0].numel() if sq.dim() > 2 else 1
+    if mask is None:
+        return per_token.sum() / (per_token.numel() * feats)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / (m.sum().clamp(min=1.0) * feats)
+
+
+def layerwise_loss(per_layer: list[torch.Tensor], factor: float = 1000.0) -> torch.Tensor:
+    """Stage 1-2 loss: factor x mean over layers of the per-layer MSEs."""
+    if not per_layer:
+        raise ValueError("no Mamba-2 layer to distil: the student has only attention layers")
+    return factor * torch.stack([x.float() for x in per_layer]).mean()
+
+
+def kl_positions(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, positions: str) -> torch.Tensor:
+    """Which positions' next-token distributions enter the stage-3 KL, (b, l) bool.
+
+    "assistant": position t counts when token t+1 is a training target (labels[t+1] != -100), i.e. the
+    distribution that predicts an assistant token; "all": every non-padding position."""
+    if positions == "all":
+        if attention_mask is not None:
+            return attention_mask.bool()
+        ref = labels
+        if ref is None:
+            raise ValueError("positions='all' needs attention_mask or labels")
+        return torch.ones_like(ref, dtype=torch.bool)
+    if positions == "assistant":
+        if labels is None:
+            raise ValueError("positions='assistant' needs `labels` in the batch (-100 where not a target)")
+        sel = torch.zeros_like(labels, dtype=torch.bool)
+        sel[:, :-1] = labels[:, 1:] != -100
+        if attention_mask is not None:
+            sel &= attention_mask.bool()
+        return sel
+    raise ValueError(f"positions {positions!r} unknown; use 'assistant' or 'all'")
+
+
+def kl_ce_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: torch.nn.Linear,
+    teacher_head: torch.nn.Linear,
+    select: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage-3 loss = mean over selected positions of T^2 KL(teacher || student) + ce_weight x mean CE.
+
+    student_hidden, teacher_hidden: (b, l, H) final (normed) hidden states; select: (b, l) bool from
+    `kl_positions`; labels: (b, l), CE at position t targets labels[t+1]. Never forms a (b, l, V) tensor."""
+    want_ce = ce_weight > 0 and labels is not None
+    targets = None
+    rows = select
+    if want_ce:
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]
+        rows = select | (nxt != -100)
+        targets = nxt[rows]
+    hs, ht = student_hidden[rows], teacher_hidden[rows]
+    kl_w = select[rows]
+    kl_sum, ce_sum = chunked_kl_ce(
+        hs, ht, student_head.weight, teacher_head.weight, temperature=temperature, kl_weights=kl_w,
+        targets=targets, chunk_size=chunk_size, student_bias=student_head.bias, teacher_bias=teacher_head.bias,
+    )
+    n_kl = kl_w.sum().clamp(min=1).float()
+    kl = kl_sum / n_kl
+    loss = kl
+    metrics = {"kl": kl.detach(), "kl_tokens": kl_w.sum().detach()}
+    if want_ce:
+        ce = ce_sum / (targets != -100).sum().clamp(min=1).float()
+        loss = loss + ce_weight * ce
+        metrics["ce"] = ce.detach()
+    return loss, metrics
