@@ -49,6 +49,24 @@ def timeit(f, reps=10):
     return s.elapsed_time(e) / reps
 
 
+def check_length(L: int) -> dict:
+    x, dt, A, B, C, S0 = inputs(L)
+    gy = torch.randn(x.shape, device="cuda")
+    gS = torch.randn(S0.shape, device="cuda")
+
+    def reference(*a, **k):  # the chunked torch algorithm in fp32 on the same (bf16-rounded) inputs
+        return ssd_chunked(*a, **k, chunk_size=64)
+
+    ref = run(reference, x.float(), dt, A, B.float(), C.float(), S0, gy, gS)
+    fla = run(ssd_fla, x, dt, A, B, C, S0, gy, gS)
+    row = {"L": L, "y": rel(fla[0], ref[0]), "state": rel(fla[1], ref[1])}
+    for name, a, b in zip(["dx", "ddt", "dB", "dC"], fla[2], ref[2]):
+        row[name] = rel(a, b)
+    row["fla_fwd_ms"] = timeit(lambda: ssd_fla(x, dt, A, B, C, initial_state=S0))
+    row["torch_fwd_ms"] = timeit(lambda: ssd_chunked(x, dt, A, B, C, initial_state=S0), reps=3)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
@@ -57,20 +75,8 @@ def main():
     assert fla_available(), "fla-core not importable on CUDA"
     rows = []
     for L in args.lengths:
-        x, dt, A, B, C, S0 = inputs(L)
-        gy = torch.randn(x.shape, device="cuda")
-        gS = torch.randn(S0.shape, device="cuda")
-        # reference: the chunked torch algorithm in fp32 on the same (bf16-rounded) inputs
-        ref = run(lambda *a, **k: ssd_chunked(*a, **k, chunk_size=64), x.float(), dt, A, B.float(), C.float(), S0, gy, gS)
-        fla = run(ssd_fla, x, dt, A, B, C, S0, gy, gS)
-        row = {"L": L, "y": rel(fla[0], ref[0]), "state": rel(fla[1], ref[1])}
-        for name, a, b in zip(["dx", "ddt", "dB", "dC"], fla[2], ref[2]):
-            row[name] = rel(a, b)
-        row["fla_fwd_ms"] = timeit(lambda: ssd_fla(x, dt, A, B, C, initial_state=S0))
-        row["torch_fwd_ms"] = timeit(lambda: ssd_chunked(x, dt, A, B, C, initial_state=S0), reps=3)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del ref, fla
+        rows.append(check_length(L))
+        print(json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
     import triton
 
