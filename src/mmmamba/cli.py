@@ -44,10 +44,11 @@ def cmd_seed(args) -> int:
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
-    from .io import load_model
+    from .teachers.hf import load_teacher, resolve_teacher
 
-    model = load_model(args.model, dtype=_dtype(args.dtype), device=args.device)
-    tok = _load_tokenizer(args.model)
+    path = resolve_teacher(args.model)
+    model = load_teacher(path, dtype=_dtype(args.dtype)).to(args.device).eval()
+    tok = _load_tokenizer(path)
     if tok is None:
         raise SystemExit(f"{args.model} has no tokenizer files; save one beside the weights")
     prompt = args.prompt
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_seed)
 
     g = sub.add_parser("generate", help="generate text (optionally about an image) with a model folder")
-    g.add_argument("--model", required=True)
+    g.add_argument("--model", required=True, help="mmmamba folder, transformers folder (converted on load) or 'smollm2'")
     g.add_argument("--prompt", required=True)
     g.add_argument("--image", help="image file (models with a vision front)")
     g.add_argument("--max-tiles", type=int, default=6)
