@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_seed)
 
     g = sub.add_parser("generate", help="generate text (optionally about an image) with a model folder")
-    g.add_argument("--model", required=True, help="mmmamba folder, transformers folder (converted on load) or 'smollm2'")
+    g.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
     g.add_argument("--prompt", required=True)
     g.add_argument("--image", help="image file (models with a vision front)")
     g.add_argument("--max-tiles", type=int, default=6)
