@@ -89,3 +89,13 @@ def test_rope_relative_property():
 def test_unsupported_rope_type_is_named():
     with pytest.raises(ValueError, match="yarn"):
         rope_inv_freq(8, 10000.0, {"rope_type": "yarn", "factor": 2.0})
+
+
+def test_rope_keeps_fp32_frequencies_after_cast():
+    """model.to(bfloat16) casts buffers; the angles must still come from fp32 frequencies."""
+    pos = torch.arange(0, 4000, 37)[None]
+    ref = RotaryEmbedding(16, 10000.0)(pos, torch.bfloat16)
+    cast = RotaryEmbedding(16, 10000.0).to(torch.bfloat16)
+    assert cast.inv_freq.dtype == torch.bfloat16
+    got = cast(pos, torch.bfloat16)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+
 def hovle_raw_config(
     hidden: int = 32,
     heads: int = 4,
@@ -108,7 +109,8 @@ def random_hovle_tensors(raw: dict, seed: int = 0, mamba_layers: set[int] = froz
     dt_bias, A_log_bias) instead of attention.wqkv / attention.wo."""
     g = torch.Generator().manual_seed(seed)
     emb, llm = raw["embedding_config"], raw["llm_config"]
-    H, h, kv, inter = emb["hidden_size"], emb["num_attention_heads"], emb["num_key_value_heads"], emb["intermediate_size"]
+    H, h, kv = emb["hidden_size"], emb["num_attention_heads"], emb["num_key_value_heads"]
+    inter = emb["intermediate_size"]
     d = H // h
     p, side = emb["patch_size"], emb["image_size"] // emb["patch_size"]
     t = {

@@ -30,14 +30,15 @@
                                 # pack: documents joined with eos between them, cut into full windows
     add_bos: null               # prepend the tokenizer's bos to text windows / conversations
                                 # (null: no for text and tokenizer templates, yes for internlm2-chat)
-    template: auto              # auto: the tokenizer's chat template if it has one, else internlm2-chat
-                                # (HoVLE, METHOD.md 1.5); or "tokenizer" / "internlm2-chat"
+    template: auto              # auto: internlm2-chat if model_config.template says so (HoVLE), else the
+                                # tokenizer's chat template if it has one, else internlm2-chat (METHOD.md 1.5);
+                                # or "tokenizer" / "internlm2-chat"
     system: null                # system prompt for conversations without one (null: the template's default;
                                 # for internlm2-chat InternVL's Chinese system prompt)
-    heldout_fraction: 0.05      # default share held out per source (pydoc: 0.1); held-out units are chosen
-                                # by a hash of their names (topics, JSONL line numbers), text files by their
-                                # last tokens, so the held-out set never depends on the seed
-    shuffle: null               # null: yes for train, no for heldout
+    heldout_fraction: null      # share held out per source (null: 0.1 for pydoc, 0.05 for the others); held-out
+                                # units are chosen by a hash of their names (topics, JSONL line numbers), text
+                                # files give their last tokens, so the held-out set never depends on the seed
+    shuffle: true               # also for heldout: a prefix of the (seeded, fixed) order is then a fair sample
     bucket: true                # length bucketing: sort by length inside shuffled mega-batches
     mega_batch: 64              # batches per mega-batch
     drop_last: false
@@ -86,7 +87,11 @@ from ..data.corpora import heldout_keys, pydoc_documents
 log = logging.getLogger("mmmamba.data")
 
 IGNORE_INDEX = -100
-INTERNLM2_SYSTEM = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
+# InternVL's system prompt for internlm2-chat (METHOD.md 1.5)
+INTERNLM2_SYSTEM = (
+    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
+    "是一个有用无害的人工智能助手。"
+)
 ROLES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant",
@@ -139,8 +144,8 @@ class DataSettings:
     add_bos: bool | None = None
     template: str = "auto"
     system: str | None = None
-    heldout_fraction: float = 0.05
-    shuffle: bool | None = None
+    heldout_fraction: float | None = None  # None: 0.1 for pydoc, 0.05 for other sources
+    shuffle: bool | None = None  # None: True
     bucket: bool = True
     mega_batch: int = 64
     drop_last: bool = False
@@ -217,7 +222,10 @@ class _Builder:
         self.base = Path(settings.base_dir) if settings.base_dir else Path.cwd()
         template = settings.template
         if template == "auto":
-            template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "internlm2-chat"
+            if getattr(model_config, "template", None) == "internlm2-chat":  # HoVLE configs name their template
+                template = "internlm2-chat"
+            else:
+                template = "tokenizer" if getattr(tokenizer, "chat_template", None) else "internlm2-chat"
         if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
             raise DataError("data config: template 'tokenizer' but the tokenizer has no chat template")
         self.template = template
@@ -271,6 +279,14 @@ class _Builder:
                 out.append(p)
         return out
 
+    def fraction(self, src: dict) -> float:
+        f = src.get("heldout_fraction", self.s.heldout_fraction)
+        if f is None:
+            f = 0.1 if src["type"] == "pydoc" else 0.05
+        if not 0.0 <= float(f) < 1.0:
+            raise DataError(f"data config: heldout_fraction must be in [0, 1), got {f}")
+        return float(f)
+
     # -- text
     def windows(self, ids: np.ndarray, origin: str) -> list[Sample]:
         L, out = self.s.max_length, []
@@ -291,7 +307,7 @@ class _Builder:
 
     def text_documents(self, src: dict, split: str) -> list[tuple[str, np.ndarray]]:
         """[(origin, token ids)] of the source's documents in this split."""
-        frac = float(src.get("heldout_fraction", 0.1 if src["type"] == "pydoc" else self.s.heldout_fraction))
+        frac = self.fraction(src)
         mode = src["split"]
         docs = []
         if src["type"] == "pydoc":
@@ -347,12 +363,7 @@ class _Builder:
     # -- conversations
     def image_ids(self) -> tuple[int, int, int]:
         if self._image_ids is None:
-            from ..models.image_processing import (
-                IMG_CONTEXT_TOKEN,
-                IMG_END_TOKEN,
-                IMG_START_TOKEN,
-                check_image_tokenizer,
-            )
+            from ..models.image_processing import IMG_END_TOKEN, IMG_START_TOKEN, check_image_tokenizer
 
             try:
                 ctx = check_image_tokenizer(self.cfg, self.tok)
@@ -543,7 +554,7 @@ class _Builder:
                       tuple(resolved), tuple(tiles))
 
     def jsonl_samples(self, src: dict, split: str) -> list[Sample]:
-        frac = float(src.get("heldout_fraction", self.s.heldout_fraction))
+        frac = self.fraction(src)
         root = src.get("image_root", self.s.image_root)
         out = []
         for path in self.expand_paths(src["path"]):
@@ -793,7 +804,9 @@ def build_dataset(data_cfg: dict, tokenizer, model_config=None, split: str = "tr
         raise DataError(f"no usable samples for split {split!r} ({len(b.bad_rows)} bad rows skipped); "
                         "check the data config's sources and heldout_fraction")
     vision = b.vision() if any(s.images for s in samples) else None
-    return DistillDataset(samples, b.bad_rows, vision, split)
+    ds = DistillDataset(samples, b.bad_rows, vision, split)
+    log.info("data (%s): %s", split, ds.stats())
+    return ds
 
 
 def build_dataloader(
@@ -813,7 +826,7 @@ def build_dataloader(
     settings = DataSettings.from_cfg(data_cfg)
     dataset = build_dataset(data_cfg, tokenizer, model_config, split, strict)
     if shuffle is None:
-        shuffle = settings.shuffle if settings.shuffle is not None else dataset.split == "train"
+        shuffle = True if settings.shuffle is None else bool(settings.shuffle)
     sampler = BucketBatchSampler(dataset.lengths, batch_size, seed, shuffle=shuffle, bucket=settings.bucket,
                                  mega_batch=settings.mega_batch, drop_last=settings.drop_last)
     collate = Collator(pad_token_id(tokenizer), settings.pad_to_multiple_of,

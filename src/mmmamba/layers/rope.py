@@ -35,11 +35,20 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling  # to rebuild the buffer (reset_inv_freq)
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+
+    @torch.no_grad()
+    def reset_inv_freq(self) -> None:
+        """Recompute the non-persistent buffer; `from_pretrained` leaves it uninitialised (built on the meta device)."""
+        self.inv_freq.copy_(rope_inv_freq(self.head_dim, self.theta, self.scaling))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (b, l) -> cos, sin (b, l, head_dim)."""
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq.to(position_ids.device)
+        inv = self.inv_freq
+        if inv.dtype != torch.float32:  # model.to(bf16) casts buffers too; positions need fp32 frequencies
+            inv = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        freqs = position_ids.float().unsqueeze(-1) * inv.to(position_ids.device)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 

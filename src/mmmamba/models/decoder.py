@@ -74,6 +74,8 @@ class MMMambaPreTrainedModel(PreTrainedModel):
             module.reset_ssm_parameters(mimic=True)
         elif isinstance(module, VisionFront):
             module.position_embedding.normal_(0.0, std)
+        elif isinstance(module, RotaryEmbedding):  # non-persistent buffer: not in checkpoints, rebuilt on load
+            module.reset_inv_freq()
         elif hasattr(module, "weight") and isinstance(module, (RMSNorm,)):
             module.weight.fill_(1.0)
 

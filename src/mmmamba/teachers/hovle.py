@@ -46,6 +46,7 @@ LLM_LAYER = "language_model.model.layers.{}."
 IGNORED = ("embedding_model.vision_embeddings.class_embedding", "language_model.model.tok_embeddings.weight")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
+INTERNLM2_IM_END_ID = 92542  # `<|im_end|>` in InternLM2 / InternVL tokenizers (template stop ids 2, 1163, 92543, 92542)
 INTERNLM2_CHAT_SYSTEM = (
     "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
 )
@@ -131,6 +132,12 @@ def _rope_scaling(sub: dict, name: str) -> dict | None:
     raise ValueError(f"config field {name}.rope_scaling = {rs!r}: only 'linear' and 'dynamic' are supported")
 
 
+def _need(sub: dict, name: str, field: str):
+    if sub.get(field) is None:
+        raise ValueError(f"config field {name}.{field} is missing")
+    return sub[field]
+
+
 def _same(field: str, a, b):
     if a != b:
         raise ValueError(
@@ -147,21 +154,24 @@ def hovle_config(raw: dict, sd: dict[str, torch.Tensor], layer_types: list[str] 
         if key not in sd:
             raise ValueError(f"tensor {key!r} is missing from the checkpoint: not a HoVLE / InternVL-chat layout")
     n_emb = int(emb.get("num_hidden_layers", 0))
-    n_llm = int(llm["num_hidden_layers"])
+    n_llm = int(_need(llm, "llm_config", "num_hidden_layers"))
     for name, n, tpl in (("embedding_config", n_emb, EMB_LAYER), ("llm_config", n_llm, LLM_LAYER)):
         if _layer_count(sd, tpl) != n:
             raise ValueError(
                 f"config field {name}.num_hidden_layers = {n} but the checkpoint has {_layer_count(sd, tpl)} "
                 f"layers under {tpl.format('N')!r}"
             )
-    H = _same("hidden_size", emb["hidden_size"], llm["hidden_size"])
+    E, Lc = "embedding_config", "llm_config"
+    H = _same("hidden_size", _need(emb, E, "hidden_size"), _need(llm, Lc, "hidden_size"))
     if emb.get("llm_hidden_size", H) != H:
         raise ValueError(f"embedding_config.llm_hidden_size = {emb['llm_hidden_size']} != hidden_size {H}")
-    heads = _same("num_attention_heads", emb["num_attention_heads"], llm["num_attention_heads"])
+    heads = _same(
+        "num_attention_heads", _need(emb, E, "num_attention_heads"), _need(llm, Lc, "num_attention_heads")
+    )
     kv = _same(
         "num_key_value_heads", emb.get("num_key_value_heads") or heads, llm.get("num_key_value_heads") or heads
     )
-    inter = _same("intermediate_size", emb["intermediate_size"], llm["intermediate_size"])
+    inter = _same("intermediate_size", _need(emb, E, "intermediate_size"), _need(llm, Lc, "intermediate_size"))
     act = _same("hidden_act", emb.get("hidden_act", "silu"), llm.get("hidden_act", "silu"))
     eps = _same("rms_norm_eps", float(emb.get("rms_norm_eps", 1e-5)), float(llm.get("rms_norm_eps", 1e-6)))
     scaling = _same(
@@ -208,7 +218,7 @@ def hovle_config(raw: dict, sd: dict[str, torch.Tensor], layer_types: list[str] 
         layer_rope_theta=[float(emb.get("rope_theta", 10000.0))] * n_emb
         + [float(llm.get("rope_theta", 10000.0))] * n_llm,
         max_position_embeddings=int(llm.get("max_position_embeddings", 2048)),
-        qkv_bias=any(k.endswith(("attention.wqkv.bias", "attention.wvkqgdt.bias")) for k in sd),
+        qkv_bias=any(k.endswith("attention.wqkv.bias") for k in sd),
         o_bias=any(k.endswith(("attention.wo.bias", "attention.o_proj.bias")) for k in sd),
         mlp_bias=any(k.endswith("feed_forward.w1.bias") for k in sd),
         layer_types=layer_types or ["attention"] * n,
@@ -352,13 +362,20 @@ def build_model(
 
 
 def _generation_config(model, path: Path):
+    """The folder's generation_config.json if usable; else, for the internlm2-chat template, stop on `<|im_end|>`
+    too (HoVLE's `chat()` stops on the template separator, METHOD.md §1.5)."""
     if (path / "generation_config.json").exists():
         from transformers import GenerationConfig
 
         try:
             model.generation_config = GenerationConfig.from_pretrained(str(path))
+            return model
         except Exception as e:  # a foreign generation config must not block loading the weights
             logger.warning("ignoring %s: %s", path / "generation_config.json", e)
+    c = model.config
+    if getattr(c, "template", None) == "internlm2-chat" and c.vocab_size > INTERNLM2_IM_END_ID:
+        eos = [i for i in (c.eos_token_id, INTERNLM2_IM_END_ID) if i is not None]
+        model.generation_config.eos_token_id = list(dict.fromkeys(eos))
     return model
 
 

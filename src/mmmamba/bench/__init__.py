@@ -1,0 +1,1 @@
+"""Benchmarks (scripts run with `python -m mmmamba.bench.<name>`)."""

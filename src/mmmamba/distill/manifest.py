@@ -1,0 +1,154 @@
+"""Stage chaining: every stage output carries `mmmamba_manifest.json`, and a stage refuses an input that is
+missing, comes from another teacher or from the wrong stage, naming what it expected (the authors' issue #4:
+stage 3 silently started from seeds and reported a KL of ~8000).
+
+A manifest records: format, stage ("seed", "stage1", "stage2", "stage3"), complete (False inside a running
+stage's checkpoints), teacher identity (path + sha256 of its weight files), layer_types, trainable parameter
+names, the recipe, steps, tokens, final metrics, and the chain of earlier stages (each a short summary).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MANIFEST_NAME = "mmmamba_manifest.json"
+FORMAT = "mmmamba-manifest/1"
+STAGE_NAMES = ("seed", "stage1", "stage2", "stage3")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth")
+
+
+class ChainError(ValueError):
+    """A stage input that cannot be used (missing, wrong teacher, wrong stage, unfinished)."""
+
+
+def stage_name(stage: int | str) -> str:
+    s = str(stage).lower()
+    if s in STAGE_NAMES:
+        return s
+    if s in ("1", "2", "3"):
+        return f"stage{s}"
+    raise ValueError(f"stage {stage!r} unknown; one of seed, 1, 2, 3")
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over the names and contents of the weight files in `folder` (sorted), independent of the dtype
+    the model is later loaded in. Cached per process by (path, size, mtime)."""
+    folder = Path(folder)
+    files = sorted({f for pat in WEIGHT_PATTERNS for f in folder.glob(pat)})
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_PATTERNS)}) in {folder}")
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key in _HASH_CACHE:
+        return _HASH_CACHE[key]
+    total = hashlib.sha256()
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        total.update(f"{f.name}:{h.hexdigest()}\n".encode())
+    _HASH_CACHE[key] = total.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def teacher_identity(path: str | os.PathLike, spec: str | None = None) -> dict:
+    """{"path", "spec", "sha256"} of a teacher folder."""
+    path = Path(path)
+    return {"path": str(path.resolve()), "spec": spec if spec is not None else str(path),
+            "sha256": weights_sha256(path)}
+
+
+def make_manifest(stage: int | str, teacher: dict, layer_types: list[str], *, recipe: dict | None = None,
+                  steps: int = 0, tokens: int = 0, final_metrics: dict | None = None, chain: list | None = None,
+                  trainable: list[str] | None = None, complete: bool = True, **extra) -> dict:
+    from .. import __version__
+
+    return {
+        "format": FORMAT,
+        "stage": stage_name(stage),
+        "complete": bool(complete),
+        "teacher": dict(teacher),
+        "layer_types": list(layer_types),
+        "trainable": list(trainable or []),
+        "recipe": recipe,
+        "steps": int(steps),
+        "tokens": int(tokens),
+        "final_metrics": dict(final_metrics or {}),
+        "chain": list(chain or []),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "mmmamba_version": __version__,
+        **extra,
+    }
+
+
+def summary(manifest: dict, path: str | os.PathLike | None = None) -> dict:
+    """The short form of a manifest kept in later stages' chains."""
+    keys = ("stage", "steps", "tokens", "final_metrics", "layer_types", "created")
+    out = {k: manifest.get(k) for k in keys}
+    if path is not None:
+        out["path"] = str(Path(path).resolve())
+    return out
+
+
+def chain_after(manifest: dict, path: str | os.PathLike) -> list:
+    """The chain a stage built on `manifest` (read from `path`) records: its chain plus itself."""
+    return list(manifest.get("chain", [])) + [summary(manifest, path)]
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
+    p = Path(folder) / MANIFEST_NAME
+    p.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return p
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    p = Path(folder) / MANIFEST_NAME
+    if not p.exists():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ChainError(f"{p} is not valid JSON ({e})") from e
+    if not isinstance(m, dict):
+        raise ChainError(f"{p} is not a manifest object")
+    return m
+
+
+def check_input(folder: str | os.PathLike, expected: int | str | list, teacher: dict, *,
+                for_stage: int | str, hint: str = "") -> dict:
+    """Validate a stage input and return its manifest; raise ChainError naming what was expected.
+
+    expected: the stage(s) whose output is acceptable (e.g. 2 for stage 3). teacher: `teacher_identity(...)`."""
+    exp = [stage_name(e) for e in (expected if isinstance(expected, (list, tuple)) else [expected])]
+    want = " or ".join(exp)
+    who = stage_name(for_stage)
+    folder = Path(folder)
+    hint = f" {hint}" if hint else ""
+    if not folder.is_dir():
+        raise ChainError(f"{who} needs the output of {want} at {folder}, which does not exist.{hint}")
+    m = read_manifest(folder)
+    if m is None:
+        raise ChainError(
+            f"{who} needs the output of {want} at {folder}, but it has no {MANIFEST_NAME}; refusing to start from "
+            f"an unknown model (e.g. a bare seed).{hint}"
+        )
+    got = m.get("stage")
+    if got not in exp:
+        raise ChainError(f"{who} expects the output of {want}, but {folder} is the output of {got}.{hint}")
+    if not m.get("complete", False):
+        raise ChainError(f"{folder} is an unfinished {got} checkpoint, not a completed {want} output.{hint}")
+    t = m.get("teacher") or {}
+    if t.get("sha256") != teacher.get("sha256"):
+        raise ChainError(
+            f"{folder} was distilled from teacher {t.get('spec') or t.get('path')!r} (weights sha256 "
+            f"{str(t.get('sha256'))[:12]}…), but this run's teacher is {teacher.get('spec')!r} (sha256 "
+            f"{str(teacher.get('sha256'))[:12]}…); {who} expects a {want} output of that teacher.{hint}"
+        )
+    return m

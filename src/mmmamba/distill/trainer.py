@@ -1,0 +1,693 @@
+"""The distillation loop on `accelerate`: one process (CPU or GPU), DDP or FSDP over several GPUs
+(`accelerate launch -m mmmamba.cli distill RECIPE.yaml`).
+
+Per stage k the run writes, under the recipe's output_dir:
+
+    stage{k}/                 final HF folder: config + safetensors + tokenizer + mmmamba_manifest.json,
+                              metrics.jsonl and loss.png (written atomically when the stage ends)
+    stage{k}-checkpoints/step-NNNNNNNN/   HF folder + trainer/ (optimizer.pt, scheduler.json, state.json,
+                              rng_{rank}.json / .safetensors): everything needed to continue exactly
+    logs/stage{k}.jsonl, logs/stage{k}_loss.png
+    seed/                     the seeded student (when stage 1 seeds it from the teacher)
+
+Nothing is unpickled: optimizer state is read with torch.load(weights_only=True), RNG states are JSON +
+safetensors, the rest JSON. `resume=True` continues from the newest complete checkpoint so that the final
+weights are bit-identical to an uninterrupted run (same machine / software; tests/distill/test_trainer.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import atomic_dir, atomic_write_text
+from ..models import MMMambaForCausalLM
+from .manifest import (
+    ChainError,
+    chain_after,
+    check_input,
+    make_manifest,
+    read_manifest,
+    teacher_identity,
+    write_manifest,
+)
+from .recipe import Recipe, StageConfig
+from .stages import (
+    EndToEndDistill,
+    LayerwiseDistill,
+    apply_placement,
+    check_shared_weights,
+    set_trainable,
+)
+
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+class StopTraining(Exception):
+    """Raised by `stop_after` (tests: simulate an interruption)."""
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+def no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    """Biases, norm weights, A_log and dt_bias get no weight decay (METHOD.md §3.0)."""
+    last = name.rsplit(".", 1)[-1]
+    return name.endswith(".bias") or last in ("A_log", "dt_bias") or "norm" in name or p.ndim < 2
+
+
+def build_optimizer(module: nn.Module, cfg: StageConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    decay, plain = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (plain if no_weight_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    kw = {"fused": True} if fused else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kw)
+
+
+def wsd_steps(cfg: StageConfig) -> tuple[int, int, int]:
+    """(warmup, stable, decay) optimizer steps; warmup / decay < 1 are fractions of `steps`."""
+    total = cfg.steps
+    warm = int(round(cfg.warmup * total)) if cfg.warmup < 1 else int(cfg.warmup)
+    dec = int(round(cfg.decay * total)) if cfg.decay < 1 else int(cfg.decay)
+    if warm + dec > total:
+        raise ValueError(f"stage {cfg.stage}: warmup {warm} + decay {dec} steps exceed the {total} steps")
+    return warm, total - warm - dec, dec
+
+
+def _wsd_lambda(step, warm, stable, dec, decay_type, min_lr_ratio):
+    if step < warm:
+        return step / max(1, warm)
+    if step < warm + stable:
+        return 1.0
+    if step < warm + stable + dec:
+        x = (step - warm - stable) / max(1, dec)
+        if decay_type == "linear":
+            f = 1.0 - x
+        elif decay_type == "1-sqrt":
+            f = 1.0 - math.sqrt(x)
+        else:
+            f = 0.5 * (1.0 + math.cos(math.pi * x))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * f
+    return min_lr_ratio
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: StageConfig):
+    """Warmup-stable-decay (10 % / 80 % / 10 % by default): transformers.get_wsd_schedule when present."""
+    warm, stable, dec = wsd_steps(cfg)
+    try:
+        from transformers import get_wsd_schedule
+
+        return get_wsd_schedule(optimizer, num_warmup_steps=warm, num_decay_steps=dec, num_stable_steps=stable,
+                                decay_type=cfg.decay_type, min_lr_ratio=cfg.min_lr_ratio)
+    except (ImportError, TypeError):
+        from functools import partial
+
+        fn = partial(_wsd_lambda, warm=warm, stable=stable, dec=dec, decay_type=cfg.decay_type,
+                     min_lr_ratio=cfg.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+# --------------------------------------------------------------------------------------------- RNG state
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of this process's RNG states."""
+    py = random.getstate()
+    npst = np.random.get_state()
+    js = {"python": [py[0], list(py[1]), py[2]],
+          "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    return js, tensors
+
+
+def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
+    v, state, gauss = js["python"]
+    random.setstate((v, tuple(state), gauss))
+    name, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+
+
+# --------------------------------------------------------------------------------------------- data
+def _set_epoch(loader, epoch: int) -> None:
+    for obj in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+    if hasattr(loader, "iteration"):
+        loader.iteration = epoch
+
+
+class DataStream:
+    """Endless stream of batches over epochs with a resumable position (epoch, batches consumed in it).
+
+    A torch DataLoader (prepared by accelerate: sharded, on device) is restarted each epoch with
+    set_epoch(epoch) and resumed with skip_first_batches (no data is loaded for the skipped batches).
+    Any other iterable of batch dicts is re-iterated each epoch, skipped by consumption, moved to the device
+    and, with several processes, sharded round-robin."""
+
+    def __init__(self, source, accelerator, seed: int, prepared: bool):
+        self.source, self.acc, self.seed, self.prepared = source, accelerator, seed, prepared
+        self.epoch, self.pos = 0, 0
+        self._it = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.pos}
+
+    def start(self, epoch: int = 0, skip: int = 0) -> None:
+        self.epoch, self.pos = epoch, skip
+        with torch.random.fork_rng(devices=[]):  # a loader drawing from the global RNG gets a (seed, epoch) stream
+            torch.manual_seed(self.seed * 1_000_003 + epoch)
+            src = self.source
+            if isinstance(src, torch.utils.data.DataLoader):
+                _set_epoch(src, epoch)
+                if skip:
+                    src = self.acc.skip_first_batches(src, skip) if self.prepared else _skip_loader(src, skip)
+                    _set_epoch(src, epoch)
+                self._it = iter(src)
+            else:
+                it = iter(src)
+                n_proc, rank = self.acc.num_processes, self.acc.process_index
+                if n_proc > 1:
+                    it = (b for i, b in enumerate(it) if i % n_proc == rank)
+                for _ in range(skip):
+                    if next(it, None) is None:
+                        raise ValueError(f"data ended after fewer than {skip} batches while resuming epoch {epoch}")
+                self._it = it
+
+    def next(self) -> dict:
+        if self._it is None:
+            self.start(0, 0)
+        for attempt in range(2):
+            b = next(self._it, None)
+            if b is not None:
+                self.pos += 1
+                return self._to_device(b)
+            if attempt == 0 and self.pos == 0:
+                break
+            self.start(self.epoch + 1, 0)
+        raise ValueError(f"the data yielded no batch in epoch {self.epoch} (empty, or a one-shot iterator that "
+                         "is exhausted; pass a re-iterable such as a list or a DataLoader)")
+
+    def _to_device(self, batch: dict) -> dict:
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise ValueError(f"a batch must be a dict with input_ids (and attention_mask, labels), got {type(batch)}")
+        dev = self.acc.device
+        return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items() if k in BATCH_KEYS}
+
+
+def _skip_loader(loader, skip):
+    from accelerate.data_loader import skip_first_batches
+
+    return skip_first_batches(loader, skip)
+
+
+# --------------------------------------------------------------------------------------------- logging
+def plot_loss(jsonl: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = [], []
+    for line in jsonl.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            steps.append(rec["step"])
+            losses.append(rec["loss"])
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    ax.plot(steps, losses, lw=1.2)
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+# --------------------------------------------------------------------------------------------- the run
+def _load_tokenizer(path):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception:
+        return None
+
+
+def _precision(recipe: Recipe) -> str:
+    p = recipe.precision
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return "no" if p in ("fp32", "no") else p
+
+
+def _teacher_dtype(recipe: Recipe, precision: str) -> torch.dtype:
+    t = recipe.teacher_dtype
+    if t == "auto":
+        t = "bf16" if precision == "bf16" else "fp32"
+    if t == "bf16" and precision != "bf16":
+        raise ValueError("teacher_dtype bf16 needs precision bf16 (autocast); use teacher_dtype fp32 or auto")
+    return torch.bfloat16 if t == "bf16" else torch.float32
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    done = sorted(p for p in folder.glob("step-*") if (p / "trainer" / "state.json").exists())
+    return done[-1] if done else None
+
+
+class StageRunner:
+    """One stage of a recipe. `data`: None (build from the recipe with `build_dataloader`), an iterable of batch
+    dicts, or a callable (stage_cfg, tokenizer, model_config, micro_batch_size, seed) -> iterable."""
+
+    def __init__(self, recipe: Recipe, stage: int, *, resume: bool = False, data=None, progress: bool = True,
+                 stop_after: int | None = None, teacher_spec: str | None = None, log: Callable = print):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
+        self.recipe, self.stage, self.cfg = recipe, stage, recipe.stages[stage]
+        self.resume, self.data, self.progress, self.stop_after = resume, data, progress, stop_after
+        self.out = Path(recipe.output_dir)
+        self.final_dir = self.out / f"stage{stage}"
+        self.ckpt_dir = self.out / f"stage{stage}-checkpoints"
+        self.jsonl = self.out / "logs" / f"stage{stage}.jsonl"
+        self.png = self.out / "logs" / f"stage{stage}_loss.png"
+        self.teacher_spec = teacher_spec or recipe.teacher
+        self._log = log
+        self.acc = None
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.acc is None or self.acc.is_main_process:
+            self._log(msg)
+
+    def _input_dir(self) -> tuple[Path, list[str]]:
+        if self.cfg.input:
+            path = Path(self.cfg.input)
+        elif self.stage == 1:
+            path = Path(self.recipe.student) if self.recipe.student else self.out / "seed"
+        else:
+            path = self.out / f"stage{self.stage - 1}"
+        if self.cfg.input_stage is not None:
+            expected = [str(self.cfg.input_stage)]
+        else:
+            expected = ["seed"] if self.stage == 1 else [str(self.stage - 1)]
+        return path, expected
+
+    def _seed(self, teacher, tid, tokenizer) -> Path:
+        """Stage 1 without an explicit student: seed one from the teacher (all layers Mamba-2, PAPER §4.5)."""
+        from ..io import save_model
+        from ..seed import seed_student
+
+        path = self.out / "seed"
+        m = read_manifest(path) if path.is_dir() else None
+        if m is not None:
+            return path
+        if self.acc.is_main_process:
+            student = seed_student(teacher, None, mode=self.recipe.init, seed=self.recipe.seed)
+            man = make_manifest("seed", tid, student.config.layer_types, recipe=self.recipe.to_dict(),
+                                init=self.recipe.init, seed=self.recipe.seed)
+            save_model(student, path, tokenizer, {"mmmamba_manifest.json": json.dumps(man, indent=2) + "\n"})
+            self.log(f"seeded student ({self.recipe.init}) -> {path}")
+        self.acc.wait_for_everyone()
+        return path
+
+    def _build_data(self, tokenizer, model_config, split="train"):
+        cfg = self.cfg
+        if self.data is not None:
+            if callable(self.data):
+                return self.data(cfg, tokenizer, model_config, cfg.micro_batch_size, self.recipe.seed)
+            return self.data
+        from .data import build_dataloader
+
+        data_cfg = {**self.recipe.data, **(cfg.data or {})}
+        if cfg.seq_len is not None:
+            data_cfg.setdefault("max_length", cfg.seq_len)
+        if not data_cfg.get("sources"):
+            raise ValueError("the recipe's data section has no sources (e.g. data: {sources: [{type: pydoc}]})")
+        return build_dataloader(data_cfg, tokenizer, model_config, cfg.micro_batch_size, self.recipe.seed, split)
+
+    # -- main -------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        from accelerate import Accelerator, DataLoaderConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        from ..teachers.hf import load_teacher, resolve_teacher
+
+        recipe, cfg, stage = self.recipe, self.cfg, self.stage
+        precision = _precision(recipe)
+        plugin = None
+        if recipe.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if stage == 3:
+                plugin = _fsdp_plugin()
+            else:  # the layer-wise walk reads sub-modules of each layer directly, which FSDP units do not allow
+                self._log(f"stage {stage}: FSDP applies to stage 3 only; stages 1-2 use DDP")
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()  # each stage its own precision / FSDP settings (keeps the process group)
+        self.acc = acc = Accelerator(
+            mixed_precision=precision,
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+            fsdp_plugin=plugin,
+        )
+        final_manifest = read_manifest(self.final_dir) if self.final_dir.is_dir() else None
+        if final_manifest is not None and final_manifest.get("complete"):
+            if self.resume:
+                self.log(f"stage {stage}: already complete at {self.final_dir}; skipping")
+                return self.final_dir
+            raise ChainError(f"stage {stage} output {self.final_dir} already exists; pass --resume to skip it, "
+                             "or choose another --out")
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        if ckpt is not None and not self.resume:
+            raise ChainError(f"stage {stage} has checkpoints in {self.ckpt_dir}; pass --resume to continue from "
+                             f"{ckpt.name}, or delete that folder to start over")
+
+        teacher_path = resolve_teacher(self.teacher_spec)
+        tid = teacher_identity(teacher_path, spec=str(self.teacher_spec))
+        tokenizer = _load_tokenizer(teacher_path)
+        teacher = load_teacher(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
+
+        # ---- the student: a checkpoint to resume, else the previous stage's output (checked)
+        state = None
+        if ckpt is not None:
+            man = read_manifest(ckpt) or {}
+            if (man.get("teacher") or {}).get("sha256") != tid["sha256"]:
+                raise ChainError(f"checkpoint {ckpt} belongs to another teacher than {self.teacher_spec!r}")
+            student = MMMambaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+            state = json.loads((ckpt / "trainer" / "state.json").read_text())
+            chain, placement_info = man.get("chain", []), man.get("placement")
+            self.log(f"stage {stage}: resuming from {ckpt} (step {state['step']})")
+        else:
+            in_dir, expected = self._input_dir()
+            if stage == 1 and not recipe.student and not cfg.input:
+                in_dir = self._seed(teacher, tid, tokenizer)
+            hint = (f"Run `mmmamba distill {recipe.source or 'RECIPE.yaml'} --stage {stage - 1}` first."
+                    if stage > 1 and not cfg.input else "")
+            in_man = check_input(in_dir, expected, tid, for_stage=stage, hint=hint)
+            student = MMMambaForCausalLM.from_pretrained(in_dir, dtype=torch.float32)
+            if list(student.config.layer_types) != list(in_man.get("layer_types", student.config.layer_types)):
+                raise ChainError(f"{in_dir}: config layer_types differ from its manifest's")
+            chain, placement_info = chain_after(in_man, in_dir), None
+            self.log(f"stage {stage}: starting from {in_dir} ({in_man['stage']})")
+        check_shared_weights(student, teacher)
+        if stage == 3 and ckpt is None:
+            student, placement_info = self._place(student, teacher, tokenizer)
+        names = set_trainable(student, stage, cfg.train_a if stage == 3 else False, cfg.trainable)
+        n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in student.parameters())
+        self.log(f"stage {stage}: {len(names)} trainable tensors, {n_train:,} of {n_all:,} parameters "
+                 f"({100 * n_train / n_all:.2f} %); layer_types = {student.config.layer_types}")
+
+        # ---- the stage module
+        tdtype = _teacher_dtype(recipe, precision)
+        loss_cfg = cfg.loss
+        if stage in (1, 2):
+            module = LayerwiseDistill(student, teacher.to(tdtype), target=loss_cfg["target"],
+                                      factor=loss_cfg["factor"], gradient_checkpointing=cfg.gradient_checkpointing)
+            del teacher
+            teacher = None
+        else:
+            if cfg.gradient_checkpointing:
+                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            teacher = teacher.to(acc.device, tdtype)
+            module = EndToEndDistill(student, teacher, temperature=loss_cfg["temperature"],
+                                     positions=loss_cfg["positions"], ce_weight=loss_cfg["ce_weight"],
+                                     chunk_size=loss_cfg["chunk_size"])
+        module.train()
+        module = acc.prepare(module)
+        optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda")
+        optimizer = acc.prepare(optimizer)
+        scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg)
+        accum = cfg.accumulation(acc.num_processes)
+
+        source = self._build_data(tokenizer, student.config)
+        prepared = isinstance(source, torch.utils.data.DataLoader)
+        if prepared:
+            source = acc.prepare(source)
+        stream = DataStream(source, acc, recipe.seed, prepared)
+
+        step, tokens, elapsed, recent = 0, 0, 0.0, []
+        if state is not None:
+            step, tokens, elapsed, recent = state["step"], state["tokens"], state["elapsed_s"], state["recent_losses"]
+            osd = torch.load(ckpt / "trainer" / "optimizer.pt", map_location="cpu", weights_only=True)
+            _load_optimizer_state(acc, module, optimizer, osd)
+            scheduler.load_state_dict(json.loads((ckpt / "trainer" / "scheduler.json").read_text()))
+            stream.start(state["data"]["epoch"], state["data"]["batch_in_epoch"])
+            from safetensors.torch import load_file
+
+            r = acc.process_index
+            rng_js = json.loads((ckpt / "trainer" / f"rng_{r}.json").read_text())
+            set_rng_state(rng_js, load_file(str(ckpt / "trainer" / f"rng_{r}.safetensors")))
+            if acc.is_main_process:
+                _truncate_jsonl(self.jsonl, step)
+        else:
+            stream.start(0, 0)
+            if acc.is_main_process and self.jsonl.exists():
+                self.jsonl.unlink()
+        self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+
+        ctx = dict(module=module, optimizer=optimizer, scheduler=scheduler, stream=stream, tid=tid, names=names,
+                   chain=chain, tokenizer=tokenizer, placement=placement_info)
+        keep_recent = max(1, cfg.steps // 10)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage}", unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and acc.is_main_process))
+        win = {"loss": 0.0, "n": 0, "tokens": 0, "t": 0.0, "extra": {}}
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        last = {}
+        try:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                step_loss, step_tokens, extra = 0.0, 0, {}
+                for micro in range(accum):
+                    batch = stream.next()
+                    sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(module)
+                    with sync:
+                        loss, metrics = module(**batch)
+                        acc.backward(loss / accum)
+                    step_loss += loss.detach().float() / accum
+                    am = batch.get("attention_mask")
+                    step_tokens += int(am.sum()) if am is not None else batch["input_ids"].numel()
+                    for k, v in metrics.items():
+                        if k.endswith("_tokens"):
+                            continue
+                        extra[k] = extra.get(k, 0.0) + v.detach().float() / accum
+                grad_norm = None
+                if cfg.grad_clip:
+                    grad_norm = acc.clip_grad_norm_(trainable, cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                loss_val = float(acc.reduce(step_loss.detach(), reduction="mean"))
+                step_tokens = int(acc.reduce(torch.tensor(step_tokens, device=acc.device), reduction="sum"))
+                extra = {k: acc.reduce(v, reduction="mean").cpu() for k, v in extra.items()}
+                dt = time.perf_counter() - t0
+                tokens += step_tokens
+                elapsed += dt
+                recent = (recent + [loss_val])[-keep_recent:]
+                win["loss"] += loss_val
+                win["n"] += 1
+                win["tokens"] += step_tokens
+                win["t"] += dt
+                for k, v in extra.items():
+                    win["extra"][k] = win["extra"].get(k, 0.0) + v
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_val:.4g}", tok_s=f"{step_tokens / max(dt, 1e-9):,.0f}")
+                if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+                    rec = {"step": step, "loss": win["loss"] / win["n"], "lr": scheduler.get_last_lr()[0],
+                           "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
+                           "tokens_per_s": win["tokens"] / max(win["t"], 1e-9), "elapsed_s": elapsed,
+                           "epoch": stream.epoch}
+                    for k, v in win["extra"].items():
+                        v = v / win["n"]
+                        rec[k] = v.tolist() if v.dim() else float(v)
+                    last = rec
+                    if acc.is_main_process:
+                        with open(self.jsonl, "a") as fh:
+                            fh.write(json.dumps(rec) + "\n")
+                    win = {"loss": 0.0, "n": 0, "tokens": 0, "t": 0.0, "extra": {}}
+                st = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "recent_losses": recent,
+                      "data": stream.state()}
+                if step % cfg.save_every == 0 and step < cfg.steps:
+                    self._save_checkpoint(ctx, st, last)
+                    if acc.is_main_process and self.jsonl.exists():
+                        plot_loss(self.jsonl, self.png, f"{self.recipe.name}: stage {stage}")
+                if self.stop_after is not None and step >= self.stop_after and step < cfg.steps:
+                    raise StopTraining(f"stopped after step {step}")
+        finally:
+            bar.close()
+        final_metrics = {"loss": float(np.mean(recent)) if recent else None, "loss_last": last.get("loss"),
+                         **{k: v for k, v in last.items() if k in ("kl", "ce", "layer_mse")},
+                         "tokens": tokens, "elapsed_s": elapsed}
+        self._save_final(ctx, step, tokens, final_metrics)
+        self.log(f"stage {stage}: done, {step} steps, {tokens:,} tokens, final loss {final_metrics['loss']:.5g} "
+                 f"-> {self.final_dir}")
+        return self.final_dir
+
+    # -- placement (stage 3) -----------------------------------------------------------------------------
+    def _place(self, student, teacher, tokenizer):
+        from .placement import auto_count, resolve_placement
+
+        spec = self.recipe.placement
+        n = student.config.num_hidden_layers
+        batches = None
+        if auto_count(spec) is not None:
+            from .data import build_dataloader
+
+            data_cfg = {**self.recipe.data, **(self.cfg.data or {})}
+            data_cfg.setdefault("max_length", self.cfg.seq_len)
+            batches = build_dataloader(data_cfg, tokenizer, student.config, self.cfg.micro_batch_size,
+                                       self.recipe.seed, "heldout")
+            dev = self.acc.device
+            student.to(dev)
+            teacher.to(dev)
+        layers, scores = resolve_placement(spec, n, student=student, teacher=teacher, batches=batches,
+                                           verbose=self.acc.is_main_process, max_batches=16) \
+            if batches is not None else resolve_placement(spec, n)
+        student = apply_placement(student.cpu(), teacher.cpu(), layers)
+        self.log(f"stage 3: placement {spec!r} -> attention layers {layers}")
+        info = {"spec": spec if not isinstance(spec, list) else list(spec), "attention_layers": layers}
+        if scores is not None:
+            info["sensitivity"] = {str(k): v for k, v in scores.items()}
+        return student, info
+
+    # -- saving --------------------------------------------------------------------------------------------
+    def _manifest(self, ctx, steps, tokens, metrics, complete):
+        student = self.acc.unwrap_model(ctx["module"]).student
+        extra = {"placement": ctx["placement"]} if ctx["placement"] is not None else {}
+        return make_manifest(self.stage, ctx["tid"], student.config.layer_types, recipe=self.recipe.to_dict(),
+                             steps=steps, tokens=tokens, final_metrics=metrics, chain=ctx["chain"],
+                             trainable=sorted(ctx["names"]), complete=complete, **extra)
+
+    def _student_state(self, ctx) -> dict:
+        sd = self.acc.get_state_dict(ctx["module"])
+        return {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+
+    def _write_model(self, tmp: Path, ctx, sd: dict) -> None:
+        student = self.acc.unwrap_model(ctx["module"]).student
+        student.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+        if ctx["tokenizer"] is not None:
+            ctx["tokenizer"].save_pretrained(tmp)
+
+    def _save_checkpoint(self, ctx, st: dict, last: dict) -> None:
+        acc = self.acc
+        sd = self._student_state(ctx)
+        osd = _optimizer_state(acc, ctx["module"], ctx["optimizer"])
+        js, tensors = rng_state()
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            all_rng = gather_object([(js, {k: v.tolist() for k, v in tensors.items()})])
+        else:
+            all_rng = [(js, tensors)]
+        if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            target = self.ckpt_dir / f"step-{st['step']:08d}"
+            with atomic_dir(target) as tmp:
+                self._write_model(tmp, ctx, sd)
+                write_manifest(tmp, self._manifest(ctx, st["step"], st["tokens"], last, complete=False))
+                tdir = tmp / "trainer"
+                tdir.mkdir()
+                torch.save(osd, tdir / "optimizer.pt")
+                (tdir / "scheduler.json").write_text(json.dumps(ctx["scheduler"].state_dict()))
+                (tdir / "state.json").write_text(json.dumps(st))
+                for r, (rjs, rt) in enumerate(all_rng):
+                    (tdir / f"rng_{r}.json").write_text(json.dumps(rjs))
+                    rt = {k: (v if torch.is_tensor(v) else torch.tensor(v, dtype=torch.uint8)) for k, v in rt.items()}
+                    save_file({k: v.contiguous() for k, v in rt.items()}, str(tdir / f"rng_{r}.safetensors"))
+            old = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
+            for p in old[: max(0, len(old) - max(1, self.cfg.keep_checkpoints))]:
+                shutil.rmtree(p, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _save_final(self, ctx, steps, tokens, metrics) -> None:
+        acc = self.acc
+        sd = self._student_state(ctx)
+        if acc.is_main_process:
+            if self.jsonl.exists():
+                plot_loss(self.jsonl, self.png, f"{self.recipe.name}: stage {self.stage}")
+            with atomic_dir(self.final_dir) as tmp:
+                self._write_model(tmp, ctx, sd)
+                write_manifest(tmp, self._manifest(ctx, steps, tokens, metrics, complete=True))
+                for f, name in ((self.jsonl, "metrics.jsonl"), (self.png, "loss.png")):
+                    if f.exists():
+                        shutil.copy2(f, tmp / name)
+            if self.cfg.keep_checkpoints == 0:
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        acc.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------- FSDP helpers
+def _fsdp_plugin():
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        sharding_strategy="FULL_SHARD", auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["DecoderLayer"], use_orig_params=True,
+        state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False, sync_module_states=True,
+    )
+
+
+def _is_fsdp(acc) -> bool:
+    return getattr(acc.state, "fsdp_plugin", None) is not None and acc.num_processes > 1
+
+
+def _optimizer_state(acc, module, optimizer) -> dict:
+    opt = getattr(optimizer, "optimizer", optimizer)
+    if _is_fsdp(acc):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def _load_optimizer_state(acc, module, optimizer, osd) -> None:
+    opt = getattr(optimizer, "optimizer", optimizer)
+    if _is_fsdp(acc):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, opt, osd, options=StateDictOptions(full_state_dict=True))
+        return
+    opt.load_state_dict(osd)
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def run_distill(recipe: Recipe, stages: Iterable[int] = (1, 2, 3), *, resume: bool = False, data=None,
+                progress: bool = True, log: Callable = print) -> dict[int, Path]:
+    """Run `stages` of `recipe` in order; each checks the previous one's output. Returns {stage: folder}."""
+    out = {}
+    for s in stages:
+        out[s] = StageRunner(recipe, int(s), resume=resume, data=data, progress=progress, log=log).run()
+    return out
