@@ -56,7 +56,9 @@ def cmd_generate(args) -> int:
     if args.image:
         from .models.image_processing import build_image_prompt
 
-        prompt, pixel_values = build_image_prompt(model.config, tok, args.image, prompt, max_tiles=args.max_tiles)
+        prompt, pixel_values = build_image_prompt(
+            model.config, tok, args.image, prompt, max_tiles=args.max_tiles, chat=args.chat
+        )
     elif args.chat and getattr(tok, "chat_template", None):
         prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)

@@ -178,7 +178,7 @@ def test_auto_placement_on_real_heldout_batches(smollm2_tokenizer, make_model):
     student = seed_student(teacher).eval()
     with torch.no_grad():
         student.model.layers[1].mixer.v_proj.weight.mul_(40)
-    loader = build_dataloader({"sources": ["pydoc"], "max_length": 48}, smollm2_tokenizer, teacher.config, 4, 0,
+    loader = build_dataloader({"sources": ["pydoc"], "max_length": 32}, smollm2_tokenizer, teacher.config, 2, 0,
                               split="heldout")
-    layers, scores = auto_placement(student, teacher, loader, 1, max_batches=2, chunk=64)
+    layers, scores = auto_placement(student, teacher, loader, 1, max_batches=1, chunk=32)
     assert layers == [1] and len(scores) == 4

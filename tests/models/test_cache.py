@@ -124,3 +124,14 @@ def test_left_padded_prefill_then_decode(student):
         for i, s in enumerate(seqs):
             ref = student(torch.cat([torch.tensor(s), extra[i]])[None]).logits[0]
             torch.testing.assert_close(got[i, ids.shape[1] - len(s) :], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gqa_9q_3kv_hybrid_decoding(make_model):
+    """SmolLM2's head layout (9 query / 3 key-value heads) in a hybrid: cached decoding == full forward."""
+    model = make_model(["mamba2", "attention", "mamba2", "mamba2"], hidden_size=72, num_attention_heads=9,
+                       num_key_value_heads=3, head_dim=8)
+    ids = torch.randint(0, 97, (2, 15), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        full = model(ids).logits
+    got, _ = _decode(model, ids, (4, 9))
+    assert (got - full).abs().max().item() <= 1e-4

@@ -202,3 +202,16 @@ def test_naive_matches_fla_simple_gla_reference(l):
     y_chk, S_chk = fla.naive_chunk_simple_gla(q, k, v, g, initial_state=S0.clone(), output_final_state=True,
                                               chunk_size=16, scale=1.0)
     assert rel(y, y_chk) <= 1e-5 and rel(S, S_chk) <= 1e-5
+
+
+def test_cpu_benchmark_script_runs(capsys):
+    from mmmamba.bench.ssd_cpu import main
+
+    threads = torch.get_num_threads()
+    try:
+        res = main(["--lengths", "64", "256", "--heads", "2", "--dim", "8", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "ratio L=256 / L=64" in out and "ssd_naive" in out
+    assert res["ratio"] > 0 and res["naive_s"] > 0

@@ -36,6 +36,7 @@ def _mistral(**kw):
 TEACHERS = {
     "llama": lambda: _llama(),
     "llama-tied-mha": lambda: _llama(tie_word_embeddings=True, num_key_value_heads=6),
+    "llama-gqa-9q-3kv": lambda: _llama(hidden_size=72, num_attention_heads=9, num_key_value_heads=3),
     "llama-bias-theta": lambda: _llama(attention_bias=True, mlp_bias=True,
                                        rope_parameters={"rope_type": "default", "rope_theta": 123456.0}),
     "llama3-rope": lambda: _llama(rope_parameters={

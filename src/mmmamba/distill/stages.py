@@ -179,7 +179,8 @@ class EndToEndDistill(nn.Module):
         with torch.no_grad():
             ht = self.teacher.model(input_ids=input_ids, attention_mask=cm, pixel_values=pixel_values)
         hs = self.student.model(input_ids=input_ids, attention_mask=cm, pixel_values=pixel_values)
-        select = kl_positions(attention_mask, labels, self.positions)
+        full = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        select = kl_positions(full, labels, self.positions)
         return kl_ce_loss(
             hs.last_hidden_state, ht.last_hidden_state, self.student.lm_head, self.teacher.lm_head, select, labels,
             temperature=self.temperature, ce_weight=self.ce_weight, chunk_size=self.chunk_size,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.rope import apply_rope
+from ..layers.rope import apply_rope, rope_inv_freq
 from ..models.config import ATTENTION
 from ..ops import causal_conv1d, ssd
 from .generate import _eos_ids, sample_next
@@ -136,6 +136,14 @@ def _chunk_attention(q, k, v, past: int, key_valid: torch.Tensor | None) -> torc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
+def _rope_inv_freq_fp32(rot, device) -> torch.Tensor:
+    """fp32 inverse frequencies (model.to(bf16) also casts the buffer; positions need fp32, as in RotaryEmbedding)."""
+    inv = rot.inv_freq
+    if inv.dtype != torch.float32 and hasattr(rot, "theta"):
+        inv = rope_inv_freq(rot.head_dim, rot.theta, rot.scaling)
+    return inv.float().to(device).contiguous()
+
+
 def resolve_kernels(kernels: str, device: torch.device) -> str:
     if kernels not in ("auto", "triton", "torch"):
         raise ValueError(f"kernels={kernels!r}: choose 'auto', 'triton' or 'torch'")
@@ -200,7 +208,7 @@ class Engine:
             if cfg.layer_types[i] == ATTENTION:
                 group = [mix.q_proj, mix.k_proj, mix.v_proj]
                 w_in, b_in = _fuse_linears(group)
-                inv = m.rotary[layer.rope_index].inv_freq.float().contiguous()
+                inv = _rope_inv_freq_fp32(m.rotary[layer.rope_index], self.device)
                 plan = LayerPlan(attention=True, w_in=w_in, b_in=b_in, inv_freq=inv, **common)
             else:
                 group = [mix.v_proj, mix.k_proj, mix.q_proj, mix.g_proj, mix.dt_proj]

@@ -412,7 +412,9 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
 def _tune(key, cands, launch, x, out, conv, res):
     """Time each candidate (compile errors skip it) and keep the fastest. Only on CUDA and outside graph capture;
     the side effects (out, in-place residual, conv-state shift) are undone by the caller's warm-up snapshot."""
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing() or interpreting():
+    if interpreting():  # few, large programs: the interpreter runs programs one after another
+        return (max(c[0] for c in cands), max(c[1] for c in cands if c[1] <= 256), 4)
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return cands[0]
     best, best_t = None, float("inf")
     for cfg in cands:
@@ -441,7 +443,7 @@ def ssm_step(z, conv_state, conv_w, conv_b, dt_bias, neg_A, ssm, y, h, kv, d, bl
     """z (B, C + h*d + h) = [v | k | q | g | dt]; conv_state (B, C, k-1) read only (the o-projection gemv shifts
     it); ssm (B, h, d, d) fp32 updated in place; y (B, h*d) <- C . S (before the gated norm)."""
     B = z.shape[0]
-    bp = block_p or min(d, 16)
+    bp = block_p or (d if interpreting() else min(d, 16))
     _ssm_step_kernel[(B * h, d // bp)](
         z, z.stride(0), conv_state, conv_w, conv_b if conv_b is not None else conv_w, dt_bias, neg_A, ssm,
         y, y.stride(0), h, h // kv, kv * d, h * d,
