@@ -36,7 +36,7 @@ def test_seed_placement(hybrid_dir, tiny_llama_dir):
     assert cfg["layer_types"] == [ATTENTION, MAMBA2, ATTENTION, MAMBA2]
     manifest = json.loads((hybrid_dir / "mmmamba_manifest.json").read_text())
     assert manifest["stage"] == "seed" and manifest["init"] == "mimic"
-    assert manifest["teacher"] == str(tiny_llama_dir)
+    assert manifest["teacher"]["spec"] == str(tiny_llama_dir) and len(manifest["teacher"]["sha256"]) == 64
     assert (hybrid_dir / "tokenizer.json").exists() and (hybrid_dir / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(hybrid_dir)
     assert isinstance(model, MMMambaForCausalLM)

@@ -33,11 +33,27 @@ def cmd_seed(args) -> int:
     path = resolve_teacher(args.teacher)
     teacher = load_teacher(path)
     student = seed_student(teacher, args.attention_layers or args.placement, mode=args.init, seed=args.seed)
-    manifest = {"stage": "seed", "teacher": str(path), "init": args.init, "layer_types": student.config.layer_types}
+    from .distill.manifest import make_manifest, teacher_identity
+
+    manifest = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
+                             init=args.init, seed=args.seed)
     save_model(student, args.out, _load_tokenizer(path), {"mmmamba_manifest.json": json.dumps(manifest, indent=2)})
     n_attn = len(student.config.attention_layers)
     print(f"seeded {args.out}: {len(student.config.mamba_layers)} Mamba-2 + {n_attn} attention layers "
           f"(attention at {student.config.attention_layers})")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from .distill.recipe import load_recipe
+    from .distill.trainer import run_distill
+
+    hf_logging.disable_progress_bar()  # per-file load / save bars would drown the training bar
+    recipe = load_recipe(args.recipe, {"output_dir": args.out})
+    stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
+    run_distill(recipe, stages, resume=args.resume, progress=not args.no_progress)
     return 0
 
 
@@ -74,6 +90,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench.run import options_from_args, run_bench
+
+    run_bench(options_from_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmmamba", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -87,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Table 4 ablation: inherit Q,K,V + mimic (default), inherit only, or from scratch")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_seed)
+
+    d = sub.add_parser("distill", help="three-stage distillation from a YAML recipe (recipes/*.yaml)",
+                       description="Run stage 1, 2, 3 or all of a recipe; several GPUs: "
+                                   "accelerate launch -m mmmamba.cli distill RECIPE.yaml")
+    d.add_argument("recipe", help="recipe YAML (teacher, data, stages, placement, output_dir)")
+    d.add_argument("--stage", default="all", choices=["1", "2", "3", "all"])
+    d.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint of an interrupted stage; skip completed stages")
+    d.add_argument("--out", help="output folder (overrides the recipe's output_dir)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
 
     g = sub.add_parser("generate", help="generate text (optionally about an image) with a model folder")
     g.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
@@ -103,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+
+    from .bench.run import add_arguments as add_bench_arguments
+
+    b = sub.add_parser("bench", help="speed and memory vs context (teacher, linear, hybrid; paper Fig. 1 / Table 2)")
+    add_bench_arguments(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

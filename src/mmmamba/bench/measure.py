@@ -18,8 +18,11 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def cleanup(device) -> None:
-    gc.collect()
+def cleanup(device, collect: bool = False) -> None:
+    """Return cached GPU memory to the driver; `collect` also runs the garbage collector (slow with a big heap:
+    only after errors and between models)."""
+    if collect and torch.device(device).type == "cuda":
+        gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -130,13 +133,15 @@ def is_oom(e: BaseException) -> bool:
 def point(record: dict, device, log=print):
     """Run one measurement point; OOM -> status "OOM", other errors -> "error: ..." (logged), memory freed."""
     record.setdefault("status", "ok")
+    failed = False
     try:
         yield record
     except Exception as e:  # noqa: BLE001 - a benchmark point must never abort the run
+        failed = True
         if is_oom(e):
             record["status"] = "OOM"
         else:
             record["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
             log(traceback.format_exc(limit=6))
     finally:
-        cleanup(device)
+        cleanup(device, collect=failed)

@@ -54,7 +54,7 @@ def build_ours(config: MMMambaConfig, device, dtype: torch.dtype, seed: int = 0)
     torch.manual_seed(seed)
     with torch.device(device):
         model = MMMambaForCausalLM(config)
-    return model.to(dtype).eval()
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def llama_config(dims: dict):
@@ -80,7 +80,7 @@ def build_hf_llama(dims: dict, device, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
-    model = model.to(dtype).eval()
+    model = model.to(dtype).eval().requires_grad_(False)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
@@ -114,4 +114,4 @@ def build_mamba_ssm(dims: dict, device, dtype: torch.dtype, seed: int = 0):
                  "use_mem_eff_path": False, "chunk_size": 256},
     )
     torch.manual_seed(seed)
-    return MambaLMHeadModel(cfg, device=device, dtype=dtype).eval()
+    return MambaLMHeadModel(cfg, device=device, dtype=dtype).eval().requires_grad_(False)

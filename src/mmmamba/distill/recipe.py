@@ -39,6 +39,7 @@ COMMON_DEFAULTS = dict(
     weight_decay=0.05, betas=[0.9, 0.999], eps=1e-8, grad_clip=5.0, warmup=0.1, decay=0.1, decay_type="cosine",
     min_lr_ratio=0.0, steps=20000, seq_len=8192, gradient_checkpointing=False, log_every=10, save_every=1000,
     keep_checkpoints=2, train_a=False, trainable=None, input=None, input_stage=None, data=None, grad_accum=None,
+    placement_batches=16,
 )
 STAGE_DEFAULTS = {
     1: dict(lr=1e-3, batch_size=128, micro_batch_size=2, loss=dict(target="heads", factor=1000.0)),
@@ -77,6 +78,7 @@ class StageConfig:
     input: str | None
     input_stage: str | int | None
     data: dict | None
+    placement_batches: int = 16  # stage 3, placement auto:N: held-out batches for the sensitivity scan
     loss: dict = field(default_factory=dict)
 
     def accumulation(self, world_size: int = 1) -> int:
@@ -218,6 +220,7 @@ def _stage(stage: int, raw: dict, defaults: dict, where: str) -> StageConfig:
         input=merged["input"],
         input_stage=merged["input_stage"],
         data=merged["data"],
+        placement_batches=_num(merged["placement_batches"], f"{w}.placement_batches", int, positive=True),
         loss=loss,
     )
     if not (isinstance(cfg.betas, (list, tuple)) and len(cfg.betas) == 2):

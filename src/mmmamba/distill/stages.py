@@ -80,6 +80,16 @@ def set_trainable(model: MMMambaForCausalLM, stage: int, train_a: bool = False,
     return names
 
 
+def enable_checkpointing(model: MMMambaForCausalLM) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant), across transformers versions
+    (`activation_checkpointing_enable` since 5.2x, `gradient_checkpointing_enable` before)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def right_padded(attention_mask: torch.Tensor | None) -> bool:
     """True when no row has padding before a real token (then plain causal attention gives the real tokens
     exactly the masked result, and the masks can be dropped so SDPA takes its flash path)."""

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..io import atomic_dir, atomic_write_text
-from ..models import MMMambaForCausalLM
+from ..models import MAMBA2, MMMambaForCausalLM
 from .manifest import (
     ChainError,
     chain_after,
@@ -48,6 +48,7 @@ from .stages import (
     LayerwiseDistill,
     apply_placement,
     check_shared_weights,
+    enable_checkpointing,
     set_trainable,
 )
 
@@ -330,6 +331,9 @@ class StageRunner:
         path = self.out / "seed"
         m = read_manifest(path) if path.is_dir() else None
         if m is not None:
+            if m.get("init") != self.recipe.init or m.get("seed") != self.recipe.seed:
+                raise ChainError(f"{path} was seeded with init={m.get('init')!r}, seed={m.get('seed')!r}; this recipe "
+                                 f"asks for init={self.recipe.init!r}, seed={self.recipe.seed!r}: remove the folder")
             return path
         if self.acc.is_main_process:
             student = seed_student(teacher, None, mode=self.recipe.init, seed=self.recipe.seed)
@@ -374,11 +378,15 @@ class StageRunner:
 
         AcceleratorState._reset_state()  # each stage its own precision / FSDP settings (keeps the process group)
         self.acc = acc = Accelerator(
+            cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun) then form a gloo group
             mixed_precision=precision,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
             fsdp_plugin=plugin,
         )
+        from accelerate.utils import set_seed
+
+        set_seed(recipe.seed * 10 + stage)  # fresh runs are reproducible; a resumed run restores its RNG states
         final_manifest = read_manifest(self.final_dir) if self.final_dir.is_dir() else None
         if final_manifest is not None and final_manifest.get("complete"):
             if self.resume:
@@ -425,7 +433,8 @@ class StageRunner:
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in student.parameters())
         self.log(f"stage {stage}: {len(names)} trainable tensors, {n_train:,} of {n_all:,} parameters "
-                 f"({100 * n_train / n_all:.2f} %); layer_types = {student.config.layer_types}")
+                 f"({100 * n_train / n_all:.2f} %); layers (A attention, M Mamba-2): "
+                 + "".join("M" if t == MAMBA2 else "A" for t in student.config.layer_types))
 
         # ---- the stage module
         tdtype = _teacher_dtype(recipe, precision)
@@ -437,7 +446,7 @@ class StageRunner:
             teacher = None
         else:
             if cfg.gradient_checkpointing:
-                student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_checkpointing(student)
             teacher = teacher.to(acc.device, tdtype)
             module = EndToEndDistill(student, teacher, temperature=loss_cfg["temperature"],
                                      positions=loss_cfg["positions"], ce_weight=loss_cfg["ce_weight"],
@@ -505,6 +514,7 @@ class StageRunner:
                 grad_norm = None
                 if cfg.grad_clip:
                     grad_norm = acc.clip_grad_norm_(trainable, cfg.grad_clip)
+                lr_used = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -525,7 +535,7 @@ class StageRunner:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_val:.4g}", tok_s=f"{step_tokens / max(dt, 1e-9):,.0f}")
                 if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-                    rec = {"step": step, "loss": win["loss"] / win["n"], "lr": scheduler.get_last_lr()[0],
+                    rec = {"step": step, "loss": win["loss"] / win["n"], "lr": lr_used,
                            "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
                            "tokens_per_s": win["tokens"] / max(win["t"], 1e-9), "elapsed_s": elapsed,
                            "epoch": stream.epoch}
@@ -573,7 +583,8 @@ class StageRunner:
             student.to(dev)
             teacher.to(dev)
         layers, scores = resolve_placement(spec, n, student=student, teacher=teacher, batches=batches,
-                                           verbose=self.acc.is_main_process, max_batches=16) \
+                                           verbose=self.acc.is_main_process,
+                                           max_batches=self.cfg.placement_batches) \
             if batches is not None else resolve_placement(spec, n)
         student = apply_placement(student.cpu(), teacher.cpu(), layers)
         self.log(f"stage 3: placement {spec!r} -> attention layers {layers}")

@@ -116,6 +116,9 @@ def _gated_rmsnorm(y: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float
     return (xf * F.silu(g.float())).to(y.dtype)
 
 
+_GQA_LOWER_RIGHT_OK = [True]
+
+
 def _chunk_attention(q, k, v, past: int, key_valid: torch.Tensor | None) -> torch.Tensor:
     """q (b, h, l, d) for positions past..past+l-1; k, v (b, kv, past+l, d). Causal; `key_valid` (b, past+l)
     marks real keys (None: all real). A padded query still sees itself (no NaN), as in the reference."""
@@ -126,7 +129,15 @@ def _chunk_attention(q, k, v, past: int, key_valid: torch.Tensor | None) -> torc
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             from torch.nn.attention.bias import causal_lower_right
 
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(l, t), enable_gqa=True)
+            bias = causal_lower_right(l, t)
+            if _GQA_LOWER_RIGHT_OK[0]:
+                try:
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+                except RuntimeError:  # this torch's flash path refuses unequal head counts: expand K/V
+                    _GQA_LOWER_RIGHT_OK[0] = False
+            rep = q.shape[1] // k.shape[1]
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                  attn_mask=bias)
     qpos = torch.arange(past, t, device=q.device)[:, None]
     kpos = torch.arange(t, device=q.device)[None, :]
     allowed = (kpos <= qpos)[None]
@@ -223,8 +234,6 @@ class Engine:
                 )
             self._fused_groups += [group, group_mlp]
             self.plans.append(plan)
-        if any(p.b_gu is not None for p in self.plans) and self.kernels == "triton":
-            pass  # biases are handled by the kernels
 
     def unfuse(self) -> None:
         """Give every projection its own storage again (before training or safetensors saving)."""
@@ -299,7 +308,7 @@ class Engine:
                 pixel_values: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
         """Run the prompt through the model into the (already reserved) static cache; returns the last
         position's logits (b, V) in the model dtype. `attention_mask` (b, L): 0 = left padding."""
-        model, cfg = self.model.model, self.config
+        model = self.model.model
         b, L = input_ids.shape
         if self.cache is None or self.cache.batch != b or self.cache.max_len < L:
             self.reserve(b, L + 1)
@@ -333,20 +342,23 @@ class Engine:
             if kv_valid is not None and bool(kv_valid.all()):
                 kv_valid = None
             rope = {}
+            pending = None  # the previous MLP's output, added to h inside the next norm
             for p in self.plans:
                 layer = p.layer
-                r = layer.input_layernorm(h)
+                h, r = self._add_norm(h, pending, p.ln1, p.eps1)
                 if p.attention:
                     ri = layer.rope_index
                     if ri not in rope:
                         rope[ri] = model.rotary[ri](positions[:, s:e], dt)
-                    h = h + self._attn_prefill(p, r, rope[ri], s, e, kv_valid)
+                    mixed = self._attn_prefill(p, r, rope[ri], s, e, kv_valid)
                 else:
-                    h = h + self._mamba_prefill(p, r, pm, first=s == 0)
-                u = layer.post_attention_layernorm(h)
+                    mixed = self._mamba_prefill(p, r, pm, first=s == 0)
+                h, u = self._add_norm(h, mixed, p.ln2, p.eps2)
+                del mixed, r
                 gu = F.linear(u, p.w_gu, p.b_gu)
-                gate, up = gu.chunk(2, dim=-1)
-                h = h + F.linear(layer.mlp.act(gate) * up, p.w_down, p.b_down)
+                pending = F.linear(self._act_mul(layer, gu), p.w_down, p.b_down)
+                del gu, u
+            h = h + pending
             last = h[:, -1:]
         logits = self.model.lm_head(model.norm(last))[:, -1]
         c.length.fill_(L)
@@ -382,31 +394,66 @@ class Engine:
         conv_dim = 2 * kv * d + h * d
         z = F.linear(r, p.w_in, p.b_in)
         xBC, g, dtr = z.split([conv_dim, h * d, h], dim=-1)
-        m = None if pm is None else pm[..., None].to(z.dtype)
-        if m is not None:
-            xBC = xBC * m
         cs, ss = self.cache.conv[p.idx], self.cache.ssm[p.idx]
-        xc, conv_new = causal_conv1d(xBC, p.conv_w, p.conv_b, None if first else cs)
-        xc = F.silu(xc)
-        if m is not None:
-            xc = xc * m
+        if self._fast_prefill:
+            from . import triton_kernels as tk
+
+            xc, conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, None if first else cs, pm)
+        else:
+            m = None if pm is None else pm[..., None].to(z.dtype)
+            if m is not None:
+                xBC = xBC * m
+            xc, conv_new = causal_conv1d(xBC, p.conv_w, p.conv_b, None if first else cs)
+            xc = F.silu(xc)
+            if m is not None:
+                xc = xc * m
         v, k, q = mix._split(xc, b, l)
         dt = F.softplus(dtr.float() + p.dt_bias)
         y, final = ssd(v, dt, p.neg_A, k, q, initial_state=None if first else ss, backend=mix.ssd_backend,
                        chunk_size=mix.chunk_size)
+        del v, k, q, xc
         cs.copy_(conv_new)
         ss.copy_(final)
-        y = _gated_rmsnorm(y, g.reshape(b, l, h, d), p.gnorm_w, p.gnorm_eps)
+        if self._fast_prefill:
+            from . import triton_kernels as tk
+
+            y = tk.gated_rmsnorm(y.reshape(b, l, h * d), g, p.gnorm_w, p.gnorm_eps, d)
+        else:
+            y = _gated_rmsnorm(y, g.reshape(b, l, h, d), p.gnorm_w, p.gnorm_eps)
         return F.linear(y.reshape(b, l, h * d), p.w_o, p.b_o)
+
+    @property
+    def _fast_prefill(self) -> bool:
+        """Fused Triton elementwise kernels in prefill (same kernels family as the decode step)."""
+        return self.kernels == "triton"
+
+    def _add_norm(self, h, delta, w, eps):
+        """(h + delta, RMSNorm(h + delta)) with the reference rounding; delta None: (h, RMSNorm(h))."""
+        if self._fast_prefill:
+            from . import triton_kernels as tk
+
+            return tk.add_rmsnorm(h, w, eps, delta)
+        if delta is not None:
+            h = h + delta
+        return h, _rmsnorm(h, w, eps)
+
+    def _act_mul(self, layer, gu):
+        if self._fast_prefill and self.config.hidden_act in ("silu", "swish"):
+            from . import triton_kernels as tk
+
+            return tk.silu_mul(gu)
+        gate, up = gu.chunk(2, dim=-1)
+        return layer.mlp.act(gate) * up
 
     # -- decode step ----------------------------------------------------------------------------------------
     def _step(self) -> None:
         """One token for every row: reads bufs['ids'], writes bufs['logits'] / bufs['next'], advances the cache,
         and feeds the greedy token back into bufs['ids']."""
-        if self.kernels == "triton":
-            self._step_triton()
-        else:
-            self._step_torch()
+        with torch.no_grad():
+            if self.kernels == "triton":
+                self._step_triton()
+            else:
+                self._step_torch()
 
     def _step_torch(self) -> None:
         cfg, c, B = self.config, self.cache, self._bufs
@@ -504,6 +551,7 @@ class Engine:
         self._graph = None
         self._warm = False
 
+    @torch.no_grad()
     def _warmup(self) -> None:
         """Run one step on a snapshot of the state (Triton compiles and tunes here), then restore it."""
         snap = self.cache.snapshot_state()
@@ -523,6 +571,7 @@ class Engine:
         self._bufs["ids"].copy_(ids)
         self._warm = True
 
+    @torch.no_grad()
     def capture(self) -> None:
         """(Re)capture the decode step in a CUDA graph for the current cache."""
         from .cuda_graph import CapturedStep
@@ -541,6 +590,7 @@ class Engine:
         self._graph = None
         self._graph = CapturedStep(self._step, warmup=1, before_warmup=save, after_warmup=restore)
 
+    @torch.no_grad()
     def decode_step(self) -> None:
         """Advance every row by one token (input: bufs['ids']; output: `logits`, `next_token`)."""
         if self.cache.host_length >= self.cache.max_len:
@@ -652,6 +702,7 @@ class Engine:
         return torch.cat([input_ids, new], dim=1)
 
     # -- timing helpers (benchmarks) ------------------------------------------------------------------------
+    @torch.no_grad()
     def time_decode(self, steps: int = 32, warmup: int = 4) -> list[float]:
         """Per-step wall times (seconds) of `steps` graph-replayed greedy steps after `warmup` ones."""
         self.decode(warmup)

@@ -47,9 +47,10 @@ class StaticCache:
         self.host_length = 0
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget every sequence (buffers are zeroed in place; nothing is reallocated)."""
-        for t in (*self.k, *self.v, *self.conv, *self.ssm):
+    def reset(self, kv: bool = False) -> None:
+        """Forget every sequence in place (nothing is reallocated). Key/value slots are only marked invalid: a slot
+        is read only after it was written again (`kv=True` also zeroes them)."""
+        for t in (*self.conv, *self.ssm, *((*self.k, *self.v) if kv else ())):
             if t is not None:
                 t.zero_()
         self.key_valid.zero_()

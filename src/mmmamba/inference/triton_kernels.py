@@ -73,12 +73,12 @@ def attn_num_splits(max_len: int) -> int:
     return int(min(128, max(1, math.ceil(max_len / 256))))
 
 
-MIN_BLOCK_N = 4
+EPI2_MIN_BLOCK_N = 8  # the argmax epilogue uses row blocks of at least 8 (fewer partials for `finish` to scan)
 
 
 def max_parts(n: int) -> int:
     """Largest number of argmax partials `gemv(epi=2)` may write for n outputs."""
-    return math.ceil(n / MIN_BLOCK_N)
+    return math.ceil(n / EPI2_MIN_BLOCK_N)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ if triton is not None:
     @triton.jit
     def _attn_reduce_kernel(
         po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, KVH, NS, REP,
-        D: tl.constexpr, BS: tl.constexpr,
+        D: tl.constexpr, BS: tl.constexpr, SB: tl.constexpr,
     ):
         bh = tl.program_id(0)
         HQ = KVH * REP
@@ -313,15 +313,20 @@ if triton is not None:
         rs = tl.arange(0, BS)
         sm = rs < NS
         rd = tl.arange(0, D)
-        idx = ((b * KVH + g) * NS + rs) * REP + r
-        m = tl.load(pm_ptr + idx, mask=sm, other=float("-inf"))
-        lsum = tl.load(pl_ptr + idx, mask=sm, other=0.0)
-        M = tl.max(m, axis=0)
-        w = tl.where(sm & (m > float("-inf")), tl.exp(m - M), 0.0)
-        den = tl.sum(w * lsum, axis=0)
-        po = tl.load(po_ptr + idx[:, None] * D + rd[None, :], mask=sm[:, None], other=0.0)
-        o = tl.sum(w[:, None] * po, axis=0) / den
-        tl.store(o_ptr + b * stride_ob + hq * D + rd, o.to(o_ptr.dtype.element_ty))
+        base = (b * KVH + g) * NS
+        m_all = tl.load(pm_ptr + (base + rs) * REP + r, mask=sm, other=float("-inf"))
+        l_all = tl.load(pl_ptr + (base + rs) * REP + r, mask=sm, other=0.0)
+        M = tl.max(m_all, axis=0)
+        den = tl.sum(tl.where(sm & (m_all > float("-inf")), tl.exp(m_all - M), 0.0) * l_all, axis=0)
+        acc = tl.zeros((D,), tl.float32)
+        for s0 in range(0, NS, SB):  # combine the split outputs a block of splits at a time (few registers)
+            rb = s0 + tl.arange(0, SB)
+            bm = rb < NS
+            m = tl.load(pm_ptr + (base + rb) * REP + r, mask=bm, other=float("-inf"))
+            w = tl.where(bm & (m > float("-inf")), tl.exp(m - M), 0.0)
+            po = tl.load(po_ptr + ((base + rb) * REP + r)[:, None] * D + rd[None, :], mask=bm[:, None], other=0.0)
+            acc += tl.sum(w[:, None] * po, axis=0)
+        tl.store(o_ptr + b * stride_ob + hq * D + rd, (acc / den).to(o_ptr.dtype.element_ty))
 
     @triton.jit
     def _finish_kernel(pv_ptr, pi_ptr, stride_p, n_parts, tok_ptr, ids_ptr, len_ptr, pos_ptr, BP: tl.constexpr):
@@ -346,12 +351,96 @@ if triton is not None:
             tl.store(len_ptr, tl.load(len_ptr) + 1)
 
 
+    # -- prefill (many rows): fused elementwise passes -----------------------------------------------------------
+    @triton.jit
+    def _add_rmsnorm_kernel(
+        x_ptr, stride_x, d_ptr, stride_d, h_ptr, stride_h, w_ptr, y_ptr, stride_y, N, eps,
+        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        XDT = x_ptr.dtype.element_ty
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_DELTA:  # h = h + delta, rounded like the reference residual add
+            x = (x + tl.load(d_ptr + row * stride_d + cols, mask=m, other=0.0).to(tl.float32)).to(XDT).to(tl.float32)
+            tl.store(h_ptr + row * stride_h + cols, x.to(XDT), mask=m)
+        r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        y = (x * r).to(XDT).to(tl.float32) * w
+        tl.store(y_ptr + row * stride_y + cols, y.to(XDT), mask=m)
+
+    @triton.jit
+    def _gated_norm_kernel(
+        y_ptr, stride_y, g_ptr, stride_g, w_ptr, o_ptr, stride_o, H, eps, D: tl.constexpr, BH: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        hb = tl.program_id(1)
+        XDT = y_ptr.dtype.element_ty
+        rh = hb * BH + tl.arange(0, BH)
+        rd = tl.arange(0, D)
+        m = (rh < H)[:, None]
+        off = rh[:, None] * D + rd[None, :]
+        y = tl.load(y_ptr + row * stride_y + off, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + row * stride_g + off, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + rd).to(tl.float32)
+        y = y * tl.rsqrt(tl.sum(y * y, axis=1) / D + eps)[:, None] * w[None, :]
+        tl.store(o_ptr + row * stride_o + off, (y * (g * tl.sigmoid(g))).to(XDT), mask=m)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, stride_gu, o_ptr, stride_o, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = cols < N
+        XDT = gu_ptr.dtype.element_ty
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + N + cols, mask=m, other=0.0).to(tl.float32)
+        a = (g * tl.sigmoid(g)).to(XDT).to(tl.float32)
+        tl.store(o_ptr + row * stride_o + cols, (a * u).to(XDT), mask=m)
+
+    @triton.jit
+    def _conv_silu_prefill_kernel(
+        z_ptr, stride_zb, stride_zt, st_ptr, w_ptr, b_ptr, m_ptr, o_ptr, L, C,
+        KC: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        t = tl.program_id(1) * BT + tl.arange(0, BT)
+        c = tl.program_id(2) * BC + tl.arange(0, BC)
+        XDT = z_ptr.dtype.element_ty
+        cm = c < C
+        tm = t < L
+        acc = tl.zeros((BT, BC), tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c, mask=cm, other=0.0).to(XDT).to(tl.float32)[None, :]
+        for j in tl.static_range(KC):
+            src = t - (KC - 1) + j
+            inside = (src >= 0) & tm
+            x = tl.load(z_ptr + b * stride_zb + src[:, None] * stride_zt + c[None, :],
+                        mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            if HAS_MASK:
+                x = x * tl.load(m_ptr + b * L + src, mask=inside, other=0.0).to(tl.float32)[:, None]
+            if HAS_STATE:  # taps before the chunk come from the carried state (the last KC-1 inputs)
+                before = (src < 0) & tm
+                sidx = src + (KC - 1)
+                xs = tl.load(st_ptr + (b * C + c[None, :]) * (KC - 1) + sidx[:, None],
+                             mask=before[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                x = x + xs
+            acc += x * tl.load(w_ptr + c * KC + j, mask=cm, other=0.0).to(XDT).to(tl.float32)[None, :]
+        acc = acc.to(XDT).to(tl.float32)
+        y = (acc * tl.sigmoid(acc)).to(XDT).to(tl.float32)
+        if HAS_MASK:
+            y = y * tl.load(m_ptr + b * L + t, mask=tm, other=0.0).to(tl.float32)[:, None]
+        tl.store(o_ptr + (b * L + t[:, None]) * C + c[None, :], y.to(XDT), mask=tm[:, None] & cm[None, :])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
 _B1_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps) for one row: wide K tiles, all loads of a tile in flight
     (8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8), (4, 2048, 8), (32, 256, 8), (2, 2048, 4),
+    (1, 2048, 4),
 ]
-_DOT_CONFIGS = [(16, 256, 4), (32, 128, 4), (32, 256, 8), (64, 128, 4)]
+_DOT_CONFIGS = [(32, 128, 4), (16, 256, 4)]
 _TUNED: dict = {}
 _FAILED: set = set()
 TUNE_REPS = 10
@@ -369,14 +458,16 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     B, K = x.shape
     N = w.shape[0] // 2 if dual else w.shape[0]
     assert out.shape[0] == B and out.shape[1] == N and w.stride(1) == 1 and x.stride(1) == 1 and out.stride(1) == 1
-    use_dot = B > 8
-    block_b = max(16, _pow2(B)) if use_dot else _pow2(B)
+    use_dot = B > 1  # several rows: tensor-core tiles, rows padded to 16 (one compiled kernel for 2..16 rows)
+    block_b = max(16, _pow2(B)) if use_dot else 1
     cands = _DOT_CONFIGS if use_dot else _B1_CONFIGS
     if pro == 2:
         cands = [c for c in cands if c[1] % hd == 0] or [(c[0], max(hd, c[1]), c[2]) for c in cands]
+    if epi == 2:
+        cands = [c for c in cands if c[0] >= EPI2_MIN_BLOCK_N]
     key = (pro, epi, dual, bias is not None, conv is not None, N, K, block_b, x.dtype, w.dtype, out.dtype)
 
-    def launch(cfg):
+    def launch(cfg, out, res, parts, conv):
         bn, bk, nwarps = cfg
         grid = triton.cdiv(N, bn)
         csb, cs = 1, None
@@ -405,16 +496,24 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
 
     cfg = _TUNED.get(key)
     if cfg is None:
-        cfg = _tune(key, cands, launch, x, out, conv, res)
-    return launch(cfg)
+        # tune on scratch copies of everything the kernel writes, so tuning has no side effect
+        out_s = out.clone()
+        res_s = None if res is None else (out_s if res.data_ptr() == out.data_ptr() else res)
+        parts_s = None if parts is None else (parts[0].clone(), parts[1].clone())
+        conv_s = None if conv is None else (conv[0], conv[1].clone())
+        cfg = _tune(key, cands, lambda c: launch(c, out_s, res_s, parts_s, conv_s), x)
+        del out_s, res_s, parts_s, conv_s
+    return launch(cfg, out, res, parts, conv)
 
 
-def _tune(key, cands, launch, x, out, conv, res):
-    """Time each candidate (compile errors skip it) and keep the fastest. Only on CUDA and outside graph capture;
-    the side effects (out, in-place residual, conv-state shift) are undone by the caller's warm-up snapshot."""
+def _tune(key, cands, launch, x):
+    """Time each candidate (compile errors skip it) and keep the fastest. Only on CUDA and outside graph capture
+    (`launch` writes scratch buffers)."""
     if interpreting():  # few, large programs: the interpreter runs programs one after another
-        return (max(c[0] for c in cands), max(c[1] for c in cands if c[1] <= 256), 4)
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        if len(cands[0]) == 3:
+            return (max(c[0] for c in cands), max(c[1] for c in cands if c[1] <= 256), 4)
+        return cands[0]
+    if not x.is_cuda or torch.cuda.is_current_stream_capturing() or os.environ.get("MMMAMBA_TRITON_TUNE") == "0":
         return cands[0]
     best, best_t = None, float("inf")
     for cfg in cands:
@@ -459,20 +558,108 @@ def rope_append(qkv, pos, length, inv_freq, q_out, k_cache, v_cache, kvalid_u8, 
     )
 
 
-def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, block_t: int = 64):
-    """q (B, h, d) roped; caches (B, kv, max_len, d) with the new token already at slot `length`."""
+_ATTN_CONFIGS = [(32, 4), (64, 8), (32, 8), (16, 4)]  # (keys per block, num_warps); 64 x 4 warps spills
+
+
+def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, block_t: int | None = None):
+    """q (B, h, d) roped; caches (B, kv, max_len, d) with the new token already at slot `length`. Split-K flash
+    decoding: every split of the keys writes partial (max, sum, output) rows to po/pm/pl, then one program per
+    query head combines them. The key range comes from the device (`length`, `key_start`), so the grid is fixed."""
     B, kv, max_len, d = k_cache.shape
     h = q.shape[1]
     ns = po.shape[2]
     rep = h // kv
-    _attn_split_kernel[(B * kv, ns)](
-        q, k_cache, v_cache, length, key_start, po, pm, pl, kv, max_len, ns, rep, float(scale),
-        D=d, REPP=max(16, _pow2(rep)), BT=block_t, DOT_PREC=_dot_prec(q.dtype), num_warps=4,
-    )
+
+    def launch(cfg):
+        bt, nw = cfg
+        _attn_split_kernel[(B * kv, ns)](
+            q, k_cache, v_cache, length, key_start, po, pm, pl, kv, max_len, ns, rep, float(scale),
+            D=d, REPP=max(16, _pow2(rep)), BT=bt, DOT_PREC=_dot_prec(q.dtype), num_warps=nw,
+        )
+
+    if block_t is not None:
+        cfg = (block_t, 4)
+    else:
+        key = ("attn", B, kv, rep, d, ns, q.dtype)
+        cfg = _TUNED.get(key)
+        if cfg is None:  # the split kernel only writes the partial buffers: tuning in place has no side effect
+            cfg = _tune(key, _ATTN_CONFIGS, launch, q)
+    launch(cfg)
     _attn_reduce_kernel[(B * h,)](po, pm, pl, out, out.stride(0), kv, ns, rep, D=d, BS=max(2, _pow2(ns)),
-                                  num_warps=4)
+                                  SB=min(16, max(2, _pow2(ns))), num_warps=4)
 
 
 def finish(pv, pi, n_parts, tok, ids, length, pos):
     B = tok.shape[0]
-    _finish_kernel[(B,)](pv, pi, pv.stride(0), n_parts, tok, ids, length, pos, BP=1024, num_warps=4)
+    _finish_kernel[(B,)](pv, pi, pv.stride(0), n_parts, tok, ids, length, pos, BP=4096, num_warps=8)
+
+
+# -- prefill launchers (rows = batch x tokens) -----------------------------------------------------------------
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> a 2-D (rows, N) view; the rows must be evenly strided and the last dim contiguous."""
+    assert x.stride(-1) == 1
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def add_rmsnorm(x, w, eps, delta=None):
+    """y = RMSNorm(x + delta) (reference rounding); returns (h, y) with h = x + delta (or x)."""
+    shape = x.shape
+    x2 = _rows(x)
+    N = x2.shape[1]
+    y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(shape, dtype=x.dtype, device=x.device) if delta is not None else x
+    d2 = _rows(delta) if delta is not None else x2
+    h2 = _rows(h)
+    _add_rmsnorm_kernel[(x2.shape[0],)](x2, x2.stride(0), d2, d2.stride(0), h2, h2.stride(0), w, _rows(y),
+                                        N, N, float(eps), HAS_DELTA=delta is not None, BLOCK=_pow2(N),
+                                        num_warps=4 if N <= 4096 else 8)
+    return h, y
+
+
+def gated_rmsnorm(y, g, w, eps, head_dim):
+    """Per-head RMSNorm(y) * w * SiLU(g); y, g (..., h*d) (g may be a strided view); returns a new tensor."""
+    shape = y.shape
+    y2, g2 = _rows(y), _rows(g)
+    H = y2.shape[1] // head_dim
+    out = torch.empty(shape, dtype=y.dtype, device=y.device)
+    o2 = _rows(out)
+    bh = min(_pow2(H), max(1, 2048 // head_dim))
+    _gated_norm_kernel[(y2.shape[0], triton.cdiv(H, bh))](y2, y2.stride(0), g2, g2.stride(0), w, o2, o2.stride(0),
+                                                          H, float(eps), D=head_dim, BH=bh, num_warps=4)
+    return out
+
+
+def silu_mul(gu):
+    """SiLU(gate) * up for gu = [gate | up] (..., 2N) -> (..., N)."""
+    g2 = _rows(gu)
+    N = g2.shape[1] // 2
+    out = torch.empty(*gu.shape[:-1], N, dtype=gu.dtype, device=gu.device)
+    o2 = _rows(out)
+    blk = min(2048, _pow2(N))
+    _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, blk))](g2, g2.stride(0), o2, o2.stride(0), N, BLOCK=blk,
+                                                         num_warps=4)
+    return out
+
+
+def conv_silu_prefill(xBC, weight, bias, state, mask):
+    """SiLU(causal depthwise conv(x)) with masked (padding) inputs and outputs zeroed, taps before the chunk from
+    `state` (b, C, k-1) (None: zeros). xBC (b, l, C) may be a strided view of the fused projection. Returns the
+    output (b, l, C) contiguous and the new state (the last k-1 masked inputs)."""
+    b, L, C = xBC.shape
+    kc = weight.shape[1]
+    assert xBC.stride(2) == 1
+    out = torch.empty(b, L, C, dtype=xBC.dtype, device=xBC.device)
+    mk = None if mask is None else mask.to(xBC.dtype).contiguous()
+    BT, BC = 16, 128
+    _conv_silu_prefill_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
+        xBC, xBC.stride(0), xBC.stride(1), state if state is not None else weight, weight,
+        bias if bias is not None else weight, mk if mk is not None else weight, out, L, C,
+        KC=kc, HAS_STATE=state is not None, HAS_MASK=mk is not None, HAS_BIAS=bias is not None,
+        BT=BT, BC=BC, num_warps=4,
+    )
+    tail = xBC[:, max(0, L - (kc - 1)):]
+    if mk is not None:
+        tail = tail * mk[:, max(0, L - (kc - 1)):, None]
+    prev = state if state is not None else xBC.new_zeros(b, C, kc - 1)
+    new_state = torch.cat([prev.to(xBC.dtype), tail.transpose(1, 2)], dim=-1)[..., -(kc - 1):].contiguous()
+    return out, new_state

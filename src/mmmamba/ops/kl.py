@@ -19,7 +19,12 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(h, w, b).float()
+    return _up(F.linear(h, w, b))
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """fp32 (fp64 stays fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _kl_rows(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,7 +64,7 @@ def chunked_kl_ce(
     student_hidden, teacher_hidden: (N, H) final hidden states at the selected positions (teacher's detached).
     student_weight, teacher_weight: (V, H) output heads. kl_weights: (N,) per-row KL weight (default 1; 0 drops
     a row from the KL but keeps its CE). targets: (N,) long, -100 = no CE for that row; None = no CE (returns 0).
-    Returns (kl_sum, ce_sum), fp32 scalars; divide by the row count yourself.
+    Returns (kl_sum, ce_sum), fp32 scalars (fp64 for fp64 inputs); divide by the row count yourself.
     """
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(f"student has {student_hidden.shape[0]} rows, teacher {teacher_hidden.shape[0]}")
@@ -73,9 +78,10 @@ def chunked_kl_ce(
     teacher_hidden = teacher_hidden.detach()
     if kl_weights is None:
         kl_weights = student_hidden.new_ones(n, dtype=torch.float32)
-    kl_weights = kl_weights.float()
-    kl_total = student_hidden.new_zeros((), dtype=torch.float32)
-    ce_total = student_hidden.new_zeros((), dtype=torch.float32)
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    kl_weights = kl_weights.to(acc)
+    kl_total = student_hidden.new_zeros((), dtype=acc)
+    ce_total = student_hidden.new_zeros((), dtype=acc)
     for start in range(0, n, chunk_size):
         sl = slice(start, min(start + chunk_size, n))
         args = (student_hidden[sl], teacher_hidden[sl], student_weight, student_bias, teacher_weight, teacher_bias,
@@ -99,12 +105,12 @@ def dense_kl_ce(
     targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: the same sums from full (N, V) logits, via torch's KLDivLoss."""
-    s, t = student_logits.float(), teacher_logits.float()
+    s, t = _up(student_logits), _up(teacher_logits)
     kl_rows = F.kl_div(
         F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), reduction="none", log_target=True
     ).sum(-1) * temperature**2
     if kl_weights is not None:
-        kl_rows = kl_rows * kl_weights.float()
+        kl_rows = kl_rows * kl_weights.to(kl_rows.dtype)
     ce = s.new_zeros(())
     if targets is not None:
         ce = F.cross_entropy(s, targets, ignore_index=-100, reduction="sum")

@@ -1,0 +1,209 @@
+"""Distillation throughput per stage on one GPU: tokens/s, model-FLOPs utilisation (MFU) and peak memory.
+
+    python scripts/gpu/distill_throughput.py --teacher <SmolLM2-135M folder> [--seq 2048] [--micro-batch 8]
+
+Runs the real stage modules (mmmamba.distill.stages: LayerwiseDistill for stages 1-2, EndToEndDistill for
+stage 3) with fused AdamW, bf16 autocast (fp32 master weights, teacher in bf16), gradient clipping, on synthetic
+random-token batches of `--seq` tokens (no padding). Stage 3 uses the hybrid placement `--placement`.
+
+FLOP formula (per token; model FLOPs, recomputation of checkpointed parts is NOT counted):
+  H hidden, I MLP width, V vocab, h / g query / KV heads, d head dim, L sequence, c SSD chunk, n = p = d.
+  matmul of a weight W (m x k): forward 2mk; backward 2mk for the input gradient (when something below
+  needs it) + 2mk for the weight gradient (when W trains).
+  P_att = H(hd) + 2 H(gd) + (hd) H     (q, k, v, o)       P_mlp = 3 H I
+  P_mix = H(hd) + 2 H(gd) + H(hd) + H h  (student q, k, v, g_proj, dt_proj; o is the teacher's in stages 1-2)
+  attention core (causal SDPA) forward 2 h d L   (QK^T and PV over L/2 keys on average)
+  SSD core forward h (c (n + p) + 4 n p)          (intra-chunk scores and mix, state read and update)
+  Stage 1/2 forward = sum over layers [2 P_att + attention core + 2 P_mlp]      (the teacher stream)
+                    + sum over Mamba-2 layers [2 P_mix + SSD core]             (the student mixers)
+           backward = sum over Mamba-2 layers [2 P_trainable_matmuls + 2 SSD core]  (weight grads of
+                      g_proj, dt_proj (+ q, k, v in stage 2); the mixer inputs need no gradient)
+  Stage 3  forward  = teacher: sum over layers [2 P_att + attn core + 2 P_mlp] + 2 H V
+                    + student: sum over layers [2 P_layer + core] + 2 H V    (P_layer: P_att or P_mix + o)
+           backward = input gradients of every matmul from the head down to the lowest trainable layer
+                      (2 P per matmul, 2 x core per mixer, 2 H V for the head) + weight gradients of the
+                      trainable matmuls (2 P each)
+  MFU = (forward + backward FLOPs per token) x tokens/s / peak bf16 FLOP/s (H100 SXM dense: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from mmmamba.distill.placement import parse_placement
+from mmmamba.distill.stages import (
+    EndToEndDistill,
+    LayerwiseDistill,
+    apply_placement,
+    enable_checkpointing,
+    set_trainable,
+)
+from mmmamba.models import ATTENTION
+from mmmamba.seed import seed_student
+from mmmamba.teachers.hf import load_teacher
+
+
+def flops_per_token(cfg, stage: int, seq: int, trainable: set[str]) -> dict:
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    h, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    c = cfg.mamba_chunk_size
+    q, kv, o = H * h * d, H * g * d, h * d * H
+    p_att = q + 2 * kv + o
+    p_mlp = 3 * H * I
+    gate, dt = H * h * d, H * h
+    att_core = 2 * h * d * seq
+    ssd_core = h * (c * (2 * d) + 4 * d * d)
+    mix_params = {"q_proj": q, "k_proj": kv, "v_proj": kv, "g_proj": gate, "dt_proj": dt, "o_proj": o}
+    types = cfg.layer_types
+
+    def trained(i, part):
+        return any(n.startswith(f"model.layers.{i}.mixer.{part}.") for n in trainable)
+
+    fwd = bwd = 0
+    if stage in (1, 2):
+        for i, t in enumerate(types):
+            fwd += 2 * p_att + att_core + 2 * p_mlp
+            if t != ATTENTION:
+                fwd += 2 * (q + 2 * kv + gate + dt) + ssd_core
+                bwd += 2 * ssd_core + sum(2 * w for part, w in mix_params.items() if trained(i, part))
+        return {"forward": fwd, "backward": bwd}
+    # stage 3
+    fwd += len(types) * (2 * p_att + att_core + 2 * p_mlp) + 2 * H * V  # teacher
+    lowest = min(i for i, t in enumerate(types) if t != ATTENTION)
+    for i, t in enumerate(types):
+        layer_p = p_att if t == ATTENTION else q + 2 * kv + gate + dt + o
+        core = att_core if t == ATTENTION else ssd_core
+        fwd += 2 * layer_p + core + 2 * p_mlp
+        if i > lowest:  # input gradients through the whole layer
+            bwd += 2 * layer_p + 2 * core + 2 * p_mlp
+        elif i == lowest:  # above its mixer: the MLP and o_proj; the mixer itself: core + projections' inputs
+            bwd += 2 * p_mlp + 2 * o + 2 * core
+        if t != ATTENTION:
+            bwd += sum(2 * w for part, w in mix_params.items() if trained(i, part))
+    fwd += 2 * H * V
+    bwd += 2 * H * V
+    return {"forward": fwd, "backward": bwd}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_stage(stage, student, teacher, args, device):
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    names = set(set_trainable(student, stage))
+    student = student.to(device, torch.float32)
+    if stage in (1, 2):
+        module = LayerwiseDistill(student, teacher, gradient_checkpointing=args.grad_ckpt).to(device)
+    else:
+        if args.grad_ckpt:
+            enable_checkpointing(student)
+        module = EndToEndDistill(student, teacher.to(device), chunk_size=args.kl_chunk)
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda)
+    b = args.micro_batch if stage in (1, 2) else args.micro_batch3
+    gen = torch.Generator(device=device).manual_seed(0)
+    vocab = student.config.vocab_size
+
+    def step():
+        ids = torch.randint(0, vocab, (b, args.seq), device=device, generator=gen)
+        labels = ids if stage == 3 else None
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, _ = module(ids, None, labels) if stage == 3 else module(ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    _sync(device)
+    dt = time.perf_counter() - t0
+    tok_s = b * args.seq * args.steps / dt
+    f = flops_per_token(student.config, stage, args.seq, names)
+    total = f["forward"] + f["backward"]
+    res = {
+        "stage": stage, "micro_batch": b, "seq": args.seq, "tokens_per_s": tok_s,
+        "gflop_per_token": total / 1e9, "fwd_gflop_per_token": f["forward"] / 1e9,
+        "bwd_gflop_per_token": f["backward"] / 1e9, "tflop_s": total * tok_s / 1e12,
+        "mfu": total * tok_s / (args.peak_tflops * 1e12),
+        "peak_mem_gib": (torch.cuda.max_memory_allocated() if cuda else float("nan")) / 2**30,
+        "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
+        "layer_types": "".join("A" if t == ATTENTION else "M" for t in student.config.layer_types),
+    }
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teacher", required=True, help="teacher folder (e.g. SmolLM2-135M-Instruct) or 'smollm2'")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=16, help="stages 1-2 sequences per step")
+    ap.add_argument("--micro-batch3", type=int, default=8, help="stage 3 sequences per step")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--placement", default="every:4", help="stage-3 attention layers (none = linear)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing")
+    ap.add_argument("--kl-chunk", type=int, default=1024)
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--device", default="cuda", help="cuda (default); cpu only for a quick correctness dry run")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    teacher = load_teacher(args.teacher, dtype=torch.float32).eval().requires_grad_(False)
+    try:
+        from mmmamba.ops.ssd import fla_available
+
+        backend = "fla" if fla_available() else "torch (chunked reference)"
+    except ImportError:
+        backend = "?"
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{name} | torch {torch.__version__} | SSD backend: {backend} | "
+          f"seq {args.seq} | bf16 autocast, fp32 master weights, teacher bf16")
+    results = []
+    for stage in [int(s) for s in args.stages.split(",")]:
+        student = seed_student(teacher, None)  # stages 1-2: every layer Mamba-2 (PAPER §4.5)
+        if stage == 3:
+            layers = parse_placement(args.placement, teacher.config.num_hidden_layers)
+            student = apply_placement(student, teacher, layers)
+        t_bf16 = copy.deepcopy(teacher).to(torch.bfloat16)
+        try:
+            results.append(run_stage(stage, student, t_bf16, args, device))
+        except torch.cuda.OutOfMemoryError:
+            results.append({"stage": stage, "error": "OOM"})
+        del student, t_bf16
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    hdr = (f"{'stage':>5} {'layers':>32} {'mb':>3} {'tok/s':>10} {'GFLOP/tok':>9} {'TFLOP/s':>8} "
+           f"{'MFU':>6} {'peak GiB':>8} {'trainable':>11}")
+    print(hdr)
+    for r in results:
+        if "error" in r:
+            print(f"{r['stage']:>5} {r['error']}")
+            continue
+        print(f"{r['stage']:>5} {r['layer_types']:>32} {r['micro_batch']:>3} {r['tokens_per_s']:>10,.0f} "
+              f"{r['gflop_per_token']:>9.3f} {r['tflop_s']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_mem_gib']:>8.2f} "
+              f"{r['trainable_params']:>11,}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "device": name, "results": results}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""`mmmamba bench`: decode latency, prefill time and peak memory vs context, the Table 2 protocol and a batch
+sweep, for the teacher (ours and transformers'), mmMamba-linear, mmMamba-hybrid and (where it imports) mamba_ssm.
+
+Writes results.json, report.md and PNG plots into --out; prints a compact table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .measure import GB, cleanup, copy_bandwidth, point
+from .models import HOVLE_DIMS, TINY_DIMS, mamba_ssm_available
+from .report import summary_table, write_markdown, write_plots
+
+GPU_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 105472, 131072, 262144]
+TINY_CONTEXTS = [32, 64, 128]
+ALL_MODELS = ["linear", "hybrid", "teacher", "teacher_hf", "mamba_ssm"]
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class BenchOptions:
+    device: str = "cuda"
+    dtype: str = "bf16"
+    tiny: bool = False
+    out: str = "bench_out"
+    models: list[str] = field(default_factory=lambda: list(ALL_MODELS))
+    contexts: list[int] | None = None
+    prefill_contexts: list[int] | None = None  # None: every context
+    attn_prefill_max: int | None = None  # all-attention models: no prefill beyond this (random-filled KV instead)
+    steps: int | None = None
+    warmup: int | None = None
+    batch_sizes: list[int] | None = None
+    batch_context: int | None = None
+    batch_models: list[str] = field(default_factory=lambda: ["linear", "hybrid", "teacher"])
+    table2_visual: int | None = None
+    table2_prompt: int | None = None
+    table2_out: int | None = None
+    kernels: str = "auto"
+    cuda_graph: bool | None = None
+    prefill_chunk: int | None = None
+    placement: str = "every:4"
+    compare_torch_contexts: list[int] | None = None
+    budget_s: float = 450.0
+    self_check_tol: float = 5e-2
+    command: str = "mmmamba bench"
+
+    def resolved(self) -> BenchOptions:
+        o = BenchOptions(**asdict(self))
+        t = o.tiny
+        o.contexts = o.contexts or (TINY_CONTEXTS if t else GPU_CONTEXTS)
+        o.attn_prefill_max = o.attn_prefill_max or (1 << 30 if t else 131072)
+        o.steps = o.steps or (8 if t else 32)
+        o.warmup = o.warmup if o.warmup is not None else (2 if t else 4)
+        o.batch_sizes = o.batch_sizes or ([1, 2] if t else [1, 2, 4, 8, 16, 32, 64])
+        o.batch_context = o.batch_context or (64 if t else 8192)
+        o.table2_visual = o.table2_visual if o.table2_visual is not None else (16 if t else 768)
+        o.table2_prompt = o.table2_prompt if o.table2_prompt is not None else (8 if t else 32)
+        o.table2_out = o.table2_out if o.table2_out is not None else (16 if t else 256)
+        o.prefill_chunk = o.prefill_chunk or (48 if t else 8192)
+        if o.compare_torch_contexts is None:
+            o.compare_torch_contexts = [o.contexts[0]]
+        return o
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("triton", "transformers", "fla"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    out["mamba_ssm"] = mamba_ssm_available()
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def _make_runner(name: str, o: BenchOptions, dims: dict, dtype):
+    from .runners import HFRunner, MambaSSMRunner, OursRunner
+
+    if name in ("linear", "hybrid", "teacher"):
+        return OursRunner(name, name, dims, o.device, dtype, kernels=o.kernels, cuda_graph=o.cuda_graph,
+                          prefill_chunk=o.prefill_chunk, placement=o.placement)
+    if name == "teacher_hf":
+        return HFRunner(name, dims, o.device, dtype)
+    if name == "mamba_ssm":
+        return MambaSSMRunner(name, dims, o.device, dtype)
+    raise ValueError(f"unknown bench model {name!r}; choose from {ALL_MODELS}")
+
+
+def _floor(rec: dict, runner, ctx: int, batch: int, bw: float) -> None:
+    wb, sb = runner.weight_bytes(batch), runner.state_bytes(ctx, batch)
+    rec["model_gb"], rec["state_gb"] = wb / GB, sb / GB
+    rec["floor_ms"] = 1e3 * (wb + sb) / bw
+    if rec.get("status") == "ok" and rec.get("ms_median"):
+        rec["ratio"] = rec["ms_median"] / rec["floor_ms"]
+        rec["tokens_per_s"] = batch * 1e3 / rec["ms_median"]
+
+
+def run_bench(opts: BenchOptions, log=print) -> dict:
+    """Run the benchmark described by `opts`; returns the results dict (also written to opts.out)."""
+    threads = torch.get_num_threads()
+    if opts.tiny and torch.device(opts.device).type == "cpu":
+        torch.set_num_threads(1)  # smoke run: OpenMP hand-offs on a busy 2-core machine dominate tiny ops
+    try:
+        return _run_bench(opts, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench(opts: BenchOptions, log=print) -> dict:
+    o = opts.resolved()
+    dev = torch.device(o.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available; use --device cpu --tiny")
+    dtype = DTYPES[o.dtype]
+    if dev.type == "cpu" and dtype != torch.float32 and o.tiny:
+        dtype = torch.float32  # CPU smoke run: fp32 (bf16 matmuls are slow on CPU)
+    dims = TINY_DIMS if o.tiny else HOVLE_DIMS
+    out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    deadline = t_start + o.budget_s
+    meta = {
+        "command": o.command, "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "tiny": o.tiny, "dims": dims, "options": asdict(o),
+        **_versions(),
+    }
+    if meta["mamba_ssm"] is None:
+        meta["mamba_ssm_note"] = "mamba_ssm not importable"
+    bw = copy_bandwidth(dev)
+    meta["copy_bandwidth_GBps"] = bw / GB
+    log(f"[bench] {meta['device_name']}  copy bandwidth {bw / GB:.0f} GB/s  dtype {meta['dtype']}")
+    res = {"meta": meta, "models": {}, "decode": [], "prefill": [], "table2": [], "batch": [],
+           "kernel_compare": []}
+
+    def over_budget() -> bool:
+        return time.time() > deadline
+
+    def save():
+        meta["elapsed_s"] = round(time.time() - t_start, 1)
+        (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+
+    names = [m for m in o.models if m != "mamba_ssm" or meta["mamba_ssm"] is not None]
+    if "mamba_ssm" in o.models and meta["mamba_ssm"] is None:
+        log("[bench] mamba_ssm not importable: skipped")
+    for name in names:
+        if over_budget():
+            res["models"][name] = {"status": "skipped (time budget)"}
+            continue
+        runner = _make_runner(name, o, dims, dtype)
+        info = {"status": "ok"}
+        with point(info, dev, log):
+            t0 = time.time()
+            info.update(runner.build())
+            info["build_s"] = round(time.time() - t0, 1)
+        res["models"][name] = info
+        if info["status"] != "ok":
+            log(f"[bench] {name}: build failed: {info['status']}")
+            runner.free() if hasattr(runner, "free") else None
+            continue
+        is_attn = len(info.get("attention_layers", [])) == dims["num_hidden_layers"]
+        pctx = [c for c in (o.prefill_contexts or o.contexts) if not (is_attn and c > o.attn_prefill_max)]
+        warm_lengths = [min(pctx or [64]), o.prefill_chunk + 64] + [
+            (c % o.prefill_chunk) or o.prefill_chunk for c in pctx]
+        with point(info, dev, log):
+            runner.warm([n for n in warm_lengths if n <= max(pctx or [64]) + 64])
+        if hasattr(runner, "self_check") and info.get("kernels") == "triton":
+            rec = {"status": "ok"}
+            with point(rec, dev, log):
+                err = runner.self_check()
+                info["self_check_rel_err"] = err
+                if not err == err or err > o.self_check_tol:  # NaN or too far from the torch step
+                    info["fallback"] = f"Triton step off by {err:.2e} (rel.): torch kernels used"
+                    runner.set_kernels("torch")
+                    info["kernels"] = "torch"
+            if rec["status"] != "ok":
+                info["fallback"] = f"self-check failed ({rec['status']}): torch kernels used"
+                runner.set_kernels("torch")
+                info["kernels"] = "torch"
+        if getattr(runner, "engine", None) is not None and runner.engine.fallback_reason:
+            info["fallback"] = runner.engine.fallback_reason
+            info["kernels"] = runner.engine.kernels
+        log(f"[bench] {name}: {info.get('params', 0) / 1e9:.3f} B params, kernels {info.get('kernels')}, "
+            f"built in {info.get('build_s')} s")
+        for ctx in o.contexts:
+            do_pre = ctx in pctx
+            d = {"model": name, "context": ctx, "batch": 1}
+            p = {"model": name, "context": ctx, "batch": 1}
+            if over_budget():
+                d["status"] = p["status"] = "skipped (time budget)"
+            else:
+                with point(d, dev, log):
+                    pre, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=do_pre)
+                    d.update(dec)
+                    if pre is not None:
+                        p.update(pre)
+                if do_pre:
+                    p["status"] = "ok" if "seconds" in p else d["status"]
+            _floor(d, runner, ctx, 1, bw)
+            res["decode"].append(d)
+            if do_pre:
+                res["prefill"].append(p)
+            if getattr(runner, "engine", None) is not None and runner.engine.fallback_reason:
+                info["fallback"], info["kernels"] = runner.engine.fallback_reason, runner.engine.kernels
+            log(f"[bench] {name:<10} ctx {ctx:>7}: decode {d.get('ms_median', float('nan')):8.3f} ms "
+                f"({d.get('ratio', float('nan')):.2f}x floor {d['floor_ms']:.3f} ms) "
+                f"prefill {p.get('seconds', float('nan')):.3f} s  peak {d.get('peak_gb') or 0:.2f}/"
+                f"{p.get('peak_gb') or 0:.2f} GB  [{d['status']}]")
+            save()
+        if info.get("kernels") == "triton" and hasattr(runner, "set_kernels"):
+            for ctx in o.compare_torch_contexts:
+                if over_budget():
+                    break
+                r = {"model": name, "context": ctx, "batch": 1}
+                runner.set_kernels("torch")
+                with point(r, dev, log):
+                    _, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=False)
+                    r.update(dec)
+                runner.set_kernels("triton")
+                _floor(r, runner, ctx, 1, bw)
+                res["kernel_compare"].append(r)
+                log(f"[bench] {name:<10} ctx {ctx:>7}: torch-ops step {r.get('ms_median', float('nan')):.3f} ms")
+        if o.table2_out and not over_budget():
+            t = {"model": name}
+            with point(t, dev, log):
+                t.update(runner.table2(o.table2_visual + o.table2_prompt, o.table2_out))
+            res["table2"].append(t)
+            log(f"[bench] {name:<10} table2: {t.get('tokens_per_s', float('nan')):.1f} tok/s "
+                f"(total {t.get('total_s', float('nan')):.3f} s) [{t['status']}]")
+        if name in o.batch_models and hasattr(runner, "engine"):
+            for b in o.batch_sizes:
+                r = {"model": name, "context": o.batch_context, "batch": b}
+                if over_budget():
+                    r["status"] = "skipped (time budget)"
+                else:
+                    with point(r, dev, log):
+                        _, dec = runner.run_point(o.batch_context, b, o.steps, o.warmup, prefill=False)
+                        r.update(dec)
+                _floor(r, runner, o.batch_context, b, bw)
+                res["batch"].append(r)
+                log(f"[bench] {name:<10} batch {b:>3}: {r.get('tokens_per_s', float('nan')):9.1f} tok/s "
+                    f"[{r['status']}]")
+        save()
+        runner.free()
+        cleanup(dev)
+    try:
+        from ..inference import triton_kernels as tk
+
+        meta["triton_gemv_configs"] = {str(k[:8]): list(v) for k, v in tk._TUNED.items()}
+    except Exception:  # noqa: BLE001 - triton absent
+        pass
+    save()
+    plots = []
+    try:
+        plots = write_plots(res, out)
+    except Exception as e:  # noqa: BLE001 - keep the JSON and markdown even if plotting fails
+        log(f"[bench] plotting failed: {e}")
+    write_markdown(res, out / "report.md", plots)
+    save()
+    table = summary_table(res)
+    (out / "summary.txt").write_text(table + "\n")
+    log(table)
+    log(f"[bench] wrote {out / 'results.json'}, {out / 'report.md'} and {len(plots)} plots "
+        f"in {time.time() - t_start:.0f} s")
+    return res
+
+
+def _ints(s: str) -> list[int]:
+    out = []
+    for x in s.split(","):
+        x = x.strip().lower()
+        if not x:
+            continue
+        mult = 1
+        if x.endswith("k"):
+            x, mult = x[:-1], 1024
+        out.append(int(float(x) * mult))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="tiny config and short lists: a CPU smoke run in seconds")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--out", default="bench_out", help="output folder (results.json, report.md, *.png)")
+    p.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma list from {ALL_MODELS}")
+    p.add_argument("--contexts", type=_ints, help="e.g. 1k,4k,128k (default 1K ... 256K; tiny: 32,64,128)")
+    p.add_argument("--prefill-contexts", type=_ints, help="contexts whose prefill is run and timed (default all)")
+    p.add_argument("--attn-prefill-max", type=int, help="all-attention models: random KV beyond this (131072)")
+    p.add_argument("--steps", type=int, help="timed decode steps per point (default 32)")
+    p.add_argument("--warmup", type=int, help="untimed decode steps first (default 4)")
+    p.add_argument("--batch-sizes", type=_ints, help="batch sweep (default 1,2,4,...,64)")
+    p.add_argument("--batch-context", type=int, help="context of the batch sweep (default 8192)")
+    p.add_argument("--batch-models", default="linear,hybrid,teacher")
+    p.add_argument("--table2-visual", type=int, help="visual tokens of the Table 2 prompt (768)")
+    p.add_argument("--table2-prompt", type=int, help="text tokens of the Table 2 prompt (32)")
+    p.add_argument("--table2-out", type=int, help="generated tokens (256); 0 skips Table 2")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--prefill-chunk", type=int, help="prefill chunk in tokens (8192)")
+    p.add_argument("--placement", default="every:4", help="hybrid attention placement (every:4)")
+    p.add_argument("--compare-torch-contexts", type=_ints,
+                   help="contexts where the plain-PyTorch decode step is also timed (default: the first)")
+    p.add_argument("--budget-s", type=float, default=450.0, help="stop starting new points after this many seconds")
+
+
+def options_from_args(args) -> BenchOptions:
+    return BenchOptions(
+        device=args.device, dtype=args.dtype, tiny=args.tiny, out=args.out,
+        models=[m.strip() for m in args.models.split(",") if m.strip()], contexts=args.contexts,
+        prefill_contexts=args.prefill_contexts, attn_prefill_max=args.attn_prefill_max, steps=args.steps,
+        warmup=args.warmup, batch_sizes=args.batch_sizes, batch_context=args.batch_context,
+        batch_models=[m.strip() for m in args.batch_models.split(",") if m.strip()],
+        table2_visual=args.table2_visual, table2_prompt=args.table2_prompt, table2_out=args.table2_out,
+        kernels=args.kernels, cuda_graph=False if args.no_cuda_graph else None, prefill_chunk=args.prefill_chunk,
+        placement=args.placement, compare_torch_contexts=args.compare_torch_contexts, budget_s=args.budget_s,
+        command="mmmamba bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmmamba.bench.run", description=__doc__)
+    add_arguments(p)
+    run_bench(options_from_args(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

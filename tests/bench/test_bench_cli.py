@@ -1,0 +1,104 @@
+"""`mmmamba bench --device cpu --tiny` runs end to end and writes well-formed JSON, markdown and PNGs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmmamba.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    rc = main(["bench", "--device", "cpu", "--tiny", "--out", str(out)])
+    assert rc == 0
+    assert torch.get_num_threads() == threads  # the smoke run's single thread is not left behind
+    return out
+
+
+def test_outputs_exist_and_parse(tiny_run):
+    res = json.loads((tiny_run / "results.json").read_text())
+    assert set(res) >= {"meta", "models", "decode", "prefill", "table2", "batch"}
+    assert res["meta"]["tiny"] is True and res["meta"]["copy_bandwidth_GBps"] > 0
+    assert set(res["models"]) == {"linear", "hybrid", "teacher", "teacher_hf"}  # mamba_ssm: not importable here
+    for name, info in res["models"].items():
+        assert info["status"] == "ok", (name, info)
+        assert info["params"] > 0
+    assert len(res["models"]["hybrid"]["attention_layers"]) == 1  # every:4 of 4 layers
+    contexts = res["meta"]["options"]["contexts"]
+    for name in res["models"]:
+        pts = [r for r in res["decode"] if r["model"] == name and r["batch"] == 1]
+        assert sorted(r["context"] for r in pts) == sorted(contexts)
+        for r in pts:
+            assert r["status"] == "ok", r
+            assert r["ms_median"] > 0 and r["steps"] == res["meta"]["options"]["steps"]
+            assert r["floor_ms"] > 0 and r["ratio"] > 0
+        pre = [r for r in res["prefill"] if r["model"] == name]
+        assert all(r["status"] == "ok" and r["seconds"] > 0 for r in pre) and len(pre) == len(contexts)
+    t2 = {r["model"]: r for r in res["table2"]}
+    assert set(t2) == set(res["models"])
+    for r in t2.values():
+        assert r["status"] == "ok" and r["out_tokens"] == res["meta"]["options"]["table2_out"]
+        assert r["tokens_per_s"] > 0 and r["total_s"] >= r["prefill_s"] > 0
+    assert {(r["model"], r["batch"]) for r in res["batch"]} == {
+        (m, b) for m in ("linear", "hybrid", "teacher") for b in res["meta"]["options"]["batch_sizes"]}
+
+
+def test_floor_grows_with_context_only_for_kv(tiny_run):
+    res = json.loads((tiny_run / "results.json").read_text())
+    by = {}
+    for r in res["decode"]:
+        by.setdefault(r["model"], {})[r["context"]] = r["floor_ms"]
+    lin, teacher = by["linear"], by["teacher"]
+    cs = sorted(lin)
+    assert lin[cs[0]] == pytest.approx(lin[cs[-1]])  # recurrent state: constant
+    assert teacher[cs[-1]] > teacher[cs[0]]  # KV cache grows
+
+
+def test_markdown_and_plots(tiny_run):
+    md = (tiny_run / "report.md").read_text()
+    for section in ("## Goals", "## Next-token latency", "## Peak GPU memory", "## Prefill time", "## Table 2",
+                    "## Decode throughput vs batch size", "## Method"):
+        assert section in md
+    pngs = sorted(p.name for p in tiny_run.glob("*.png"))
+    assert pngs == ["batch_throughput.png", "figure1_latency_memory.png", "floor_ratio.png"]
+    import matplotlib.image as mpimg
+
+    for name in pngs:
+        data = (tiny_run / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+        img = mpimg.imread(str(tiny_run / name))
+        assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+        assert f"]({name})" in md
+
+
+def test_goal_check_logic():
+    from mmmamba.bench.report import check_goals
+
+    def dec(model, ctx, ms, floor):
+        return {"model": model, "context": ctx, "batch": 1, "status": "ok", "ms_median": ms, "floor_ms": floor,
+                "ratio": ms / floor, "peak_gb": 5.5}
+
+    res = {"meta": {"tiny": False}, "models": {"linear": {}, "hybrid": {}, "mamba_ssm": {}},
+           "decode": [dec("linear", 1024, 2.0, 1.6), dec("linear", 131072, 2.05, 1.6),
+                      dec("hybrid", 1024, 2.5, 1.7), dec("hybrid", 131072, 4.0, 2.0),
+                      dec("mamba_ssm", 1024, 3.4, 1.7), dec("mamba_ssm", 131072, 3.5, 1.7)],
+           "prefill": [{"model": "linear", "context": 131072, "status": "ok", "seconds": 1.05, "peak_gb": 5.9}]}
+    goals = {g["goal"].split(" ")[0] + str(i): g["met"] for i, g in enumerate(check_goals(res))}
+    assert list(goals.values()) == [True, False, True, True, True, True]
+
+
+def test_bench_subcommand_options(tmp_path):
+    rc = main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path), "--models", "linear",
+               "--contexts", "16,48", "--table2-out", "0", "--batch-sizes", "1", "--steps", "3"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert list(res["models"]) == ["linear"] and res["table2"] == []
+    assert sorted(r["context"] for r in res["decode"]) == [16, 48]
+    assert all(r["steps"] == 3 for r in res["decode"])

@@ -1,0 +1,100 @@
+"""The Triton decode / prefill kernels compile for Hopper (sm_90) without a GPU (Triton's own ptxas), with no
+register spills in the matrix-vector kernels. Skipped without Triton."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def _compile(fn, sig: dict, const: dict, num_warps: int = 4):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature = {n: ("constexpr" if n in const else sig.get(n, "i32")) for n in names}
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def _local_bytes(kernel) -> int | None:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    m = re.search(r"STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return None if m is None else int(m.group(1)) + int(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def tk():
+    from mmmamba.inference import triton_kernels
+
+    if triton_kernels.interpreting():
+        pytest.skip("TRITON_INTERPRET is set: kernels are interpreted functions")
+    return triton_kernels
+
+
+@pytest.mark.parametrize("variant", [
+    dict(PRO=1, EPI=0, DUAL=False, CONV_UPD=False),  # fused in-projection with the RMSNorm prologue
+    dict(PRO=2, EPI=1, DUAL=False, CONV_UPD=True),  # o-projection: gated norm, residual, conv-state shift
+    dict(PRO=0, EPI=1, DUAL=False, CONV_UPD=False),  # down projection + residual
+    dict(PRO=1, EPI=0, DUAL=True, CONV_UPD=False),  # gate|up with SiLU * up
+    dict(PRO=1, EPI=2, DUAL=False, CONV_UPD=False),  # LM head with argmax partials
+])
+def test_gemv_compiles_without_spills(tk, variant):
+    dt = "bf16"
+    sig = {n: f"*{dt}" for n in ("x_ptr", "w_ptr", "bias_ptr", "nw_ptr", "g_ptr", "res_ptr", "out_ptr", "pv_ptr",
+                                   "pi_ptr", "cs_src_ptr", "cs_dst_ptr")}
+    sig.update(eps="fp32")
+    if variant["EPI"] == 2:
+        sig.update(out_ptr="*fp32", pv_ptr="*fp32", pi_ptr="*i64")
+    for use_dot, (bn, bk, nw), bb in ((False, tk._B1_CONFIGS[0], 1), (False, tk._B1_CONFIGS[-1], 1),
+                                      (True, tk._DOT_CONFIGS[0], 16)):
+        if variant["EPI"] == 2 and bn < tk.EPI2_MIN_BLOCK_N:
+            continue
+        k = _compile(tk._gemv_kernel, sig, dict(**variant, HAS_BIAS=True, KC=2, CSB=16, HD=128, BLOCK_B=bb, BLOCK_N=bn,
+                                                BLOCK_K=bk, USE_DOT=use_dot, DOT_PREC="tf32"), nw)
+        spill = _local_bytes(k)
+        assert spill in (None, 0), f"{variant} {bn}x{bk}: {spill} bytes of local memory"
+
+
+def test_other_kernels_compile(tk):
+    dt = "bf16"
+    _compile(tk._ssm_step_kernel, {"z_ptr": f"*{dt}", "conv_ptr": f"*{dt}", "cw_ptr": f"*{dt}", "cb_ptr": f"*{dt}",
+                                   "dtb_ptr": "*fp32", "na_ptr": "*fp32", "s_ptr": "*fp32", "y_ptr": f"*{dt}"},
+             dict(N=128, P=128, BLOCK_P=16, KC=2, HAS_CB=True))
+    _compile(tk._rope_append_kernel, {"qkv_ptr": f"*{dt}", "pos_ptr": "*i64", "len_ptr": "*i64", "inv_ptr": "*fp32",
+                                      "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "kvalid_ptr": "*u8"},
+             dict(D=128), 1)
+    bt, nw = tk._ATTN_CONFIGS[0]
+    k = _compile(tk._attn_split_kernel, {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "len_ptr": "*i64",
+                                         "kstart_ptr": "*i32", "po_ptr": "*fp32", "pm_ptr": "*fp32",
+                                         "pl_ptr": "*fp32", "scale": "fp32"},
+                 dict(D=128, REPP=16, BT=bt, DOT_PREC="tf32"), nw)
+    assert _local_bytes(k) in (None, 0)
+    _compile(tk._attn_reduce_kernel, {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "o_ptr": f"*{dt}"},
+             dict(D=128, BS=128, SB=16))
+    _compile(tk._finish_kernel, {"pv_ptr": "*fp32", "pi_ptr": "*i64", "tok_ptr": "*i64", "ids_ptr": "*i64",
+                                 "len_ptr": "*i64", "pos_ptr": "*i64"}, dict(BP=1024))
+    _compile(tk._add_rmsnorm_kernel, {n: f"*{dt}" for n in ("x_ptr", "d_ptr", "h_ptr", "w_ptr", "y_ptr")} |
+             {"eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=2048))
+    _compile(tk._gated_norm_kernel, {n: f"*{dt}" for n in ("y_ptr", "g_ptr", "w_ptr", "o_ptr")} | {"eps": "fp32"},
+             dict(D=128, BH=16))
+    _compile(tk._silu_mul_kernel, {"gu_ptr": f"*{dt}", "o_ptr": f"*{dt}"}, dict(BLOCK=2048))
+    _compile(tk._conv_silu_prefill_kernel, {n: f"*{dt}" for n in ("z_ptr", "st_ptr", "w_ptr", "b_ptr", "m_ptr",
+                                                                  "o_ptr")},
+             dict(KC=2, HAS_STATE=True, HAS_MASK=True, HAS_BIAS=True, BT=16, BC=128))

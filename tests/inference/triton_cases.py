@@ -1,0 +1,180 @@
+"""Checks of the Triton decode kernels, run by test_engine.py in a subprocess under TRITON_INTERPRET=1 (CPU).
+
+    TRITON_INTERPRET=1 python tests/inference/triton_cases.py kernels|engine
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from mmmamba.inference import triton_kernels as tk  # noqa: E402
+from mmmamba.inference.engine import _gated_rmsnorm, _rmsnorm  # noqa: E402
+
+
+def close(a, b, tol=1e-5):
+    err = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+def case_kernels():
+    torch.manual_seed(0)
+    for B in (1, 3, 12):  # 12 rows: the tl.dot path
+        K, N, hd = 96, 40, 16
+        x, w, nw = torch.randn(B, K), torch.randn(N, K), torch.rand(K) + 0.5
+        out = torch.empty(B, N)
+        tk.gemv(x, w, out, pro=1, nw=nw, eps=1e-6)
+        close(out, F.linear(_rmsnorm(x, nw, 1e-6), w))
+        w2, b2 = torch.randn(2 * N, K), torch.randn(2 * N)
+        tk.gemv(x, w2, out, pro=1, nw=nw, eps=1e-6, dual=True, bias=b2)
+        g, u = F.linear(_rmsnorm(x, nw, 1e-6), w2, b2).chunk(2, -1)
+        close(out, F.silu(g) * u)
+        y, gg, gw = torch.randn(B, K), torch.randn(B, K), torch.rand(hd) + 0.5
+        res = torch.randn(B, N)
+        r0 = res.clone()
+        conv_state = torch.randn(B, 10, 1)
+        z = torch.randn(B, 30)
+        tk.gemv(y, w, res, pro=2, nw=gw, eps=1e-5, g=gg, hd=hd, res=res, epi=1, conv=(z, conv_state))
+        close(res, r0 + F.linear(_gated_rmsnorm(y.view(B, -1, hd), gg.view(B, -1, hd), gw, 1e-5).view(B, K), w))
+        assert torch.equal(conv_state[..., 0], z[:, :10])  # conv state shifted by the side job
+        pv = torch.empty(B, tk.max_parts(N))
+        pi = torch.zeros(B, tk.max_parts(N), dtype=torch.long)
+        logits = torch.empty(B, N)
+        n = tk.gemv(x, w, logits, epi=2, parts=(pv, pi))
+        close(logits, x @ w.T)
+        tok, ids = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+        length, pos = torch.tensor(5), torch.arange(B)
+        tk.finish(pv, pi, n, tok, ids, length, pos)
+        assert torch.equal(tok, (x @ w.T).argmax(-1)) and torch.equal(ids, tok)
+        assert int(length) == 6 and torch.equal(pos, torch.arange(B) + 1)
+
+    # conv + SSM step vs the reference recurrence (GQA: 4 heads, 2 groups)
+    B, h, kv, d, kc = 2, 4, 2, 16, 3
+    C = 2 * kv * d + h * d
+    z = torch.randn(B, C + h * d + h)
+    conv_state, cw, cb = torch.randn(B, C, kc - 1), torch.randn(C, kc), torch.randn(C)
+    dtb, negA = torch.randn(h), -torch.rand(h) - 0.1
+    S = torch.randn(B, h, d, d)
+    S_ref = S.clone()
+    y = torch.empty(B, h * d)
+    tk.ssm_step(z, conv_state, cw, cb, dtb, negA, S, y, h, kv, d)
+    xBC = z[:, :C]
+    window = torch.cat([conv_state, xBC[..., None]], -1)
+    xc = F.silu((window * cw).sum(-1) + cb)
+    v, k, q = xc.split([kv * d, kv * d, h * d], -1)
+    v = v.view(B, kv, d).repeat_interleave(h // kv, 1)
+    k = k.view(B, kv, d).repeat_interleave(h // kv, 1)
+    q = q.view(B, h, d)
+    dt = F.softplus(z[:, C + h * d:] + dtb)
+    from mmmamba.ops.ssd import ssd_step
+
+    y_ref, S_ref = ssd_step(S_ref, v, dt, negA, k, q)
+    close(S, S_ref)
+    close(y, y_ref.reshape(B, -1))
+
+    # rope + append + split-K flash decoding vs SDPA over the valid keys (left padding via key_start)
+    B, h, kv, d, max_len, L = 2, 4, 2, 16, 40, 23
+    qkv = torch.randn(B, (h + 2 * kv) * d)
+    kc_, vc_ = torch.randn(B, kv, max_len, d), torch.randn(B, kv, max_len, d)
+    kvalid = torch.zeros(B, max_len, dtype=torch.bool)
+    kvalid[:, :L] = True
+    kstart = torch.tensor([0, 5], dtype=torch.int32)
+    kvalid[1, :5] = False
+    pos = torch.tensor([L, L - 5])
+    length = torch.tensor(L)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    qb = torch.empty(B, h, d)
+    tk.rope_append(qkv, pos, length, inv, qb, kc_, vc_, kvalid.view(torch.uint8), h, kv, d)
+    from mmmamba.layers.rope import apply_rope
+
+    freqs = pos.float()[:, None] * inv
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+    q_ref = apply_rope(qkv[:, :h * d].view(B, h, 1, d), cos, sin)[:, :, 0]
+    k_ref = apply_rope(qkv[:, h * d:(h + kv) * d].view(B, kv, 1, d), cos, sin)[:, :, 0]
+    close(qb, q_ref)
+    close(kc_[:, :, L], k_ref)
+    assert torch.equal(vc_[:, :, L], qkv[:, (h + kv) * d:].view(B, kv, d)) and bool(kvalid[:, L].all())
+    for ns in (1, 3, 8):
+        po = torch.zeros(B, kv, ns, h // kv, d)
+        pm, pl = torch.zeros(B, kv, ns, h // kv), torch.zeros(B, kv, ns, h // kv)
+        o = torch.empty(B, h * d)
+        tk.attn_decode(qb, kc_, vc_, length, kstart, o, po, pm, pl, d ** -0.5, block_t=16)
+        mask = kvalid[:, None, None, :L + 1]
+        o_ref = F.scaled_dot_product_attention(qb.view(B, kv, h // kv, d), kc_[:, :, :L + 1], vc_[:, :, :L + 1],
+                                               attn_mask=mask)
+        close(o, o_ref.reshape(B, -1))
+
+    # prefill kernels: residual add + RMSNorm, gated per-head norm, SiLU * up, conv + SiLU with state and padding
+    x, dlt, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.rand(48) + 0.5
+    hh, yy = tk.add_rmsnorm(x, w, 1e-6, dlt)
+    close(hh, x + dlt)
+    close(yy, _rmsnorm(x + dlt, w, 1e-6))
+    _, y0 = tk.add_rmsnorm(x, w, 1e-6)
+    close(y0, _rmsnorm(x, w, 1e-6))
+    z = torch.randn(2, 5, 3 * 64 + 7)
+    yv, gv = torch.randn(2, 5, 64), z[..., 64:128]
+    gw = torch.rand(16) + 0.5
+    close(tk.gated_rmsnorm(yv, gv, gw, 1e-5, 16),
+          _gated_rmsnorm(yv.view(2, 5, 4, 16), gv.reshape(2, 5, 4, 16), gw, 1e-5).view(2, 5, 64))
+    gu = torch.randn(2, 5, 2 * 40)
+    close(tk.silu_mul(gu), F.silu(gu[..., :40]) * gu[..., 40:])
+    from mmmamba.ops.conv import causal_conv1d
+
+    for kc in (2, 4):
+        C, L = 24, 19
+        zz = torch.randn(2, L, C + 9)
+        xBC = zz[..., :C]
+        cw, cb = torch.randn(C, kc), torch.randn(C)
+        st = torch.randn(2, C, kc - 1)
+        mask = torch.ones(2, L, dtype=torch.bool)
+        mask[1, :6] = False
+        for state, m in ((None, None), (st, None), (None, mask), (st, mask)):
+            out, new_state = tk.conv_silu_prefill(xBC, cw, cb, state, m)
+            xm = xBC if m is None else xBC * m[..., None].float()
+            ref, ref_state = causal_conv1d(xm, cw, cb, state)
+            ref = F.silu(ref)
+            if m is not None:
+                ref = ref * m[..., None].float()
+            close(out, ref)
+            close(new_state, ref_state)
+    print("kernels ok")
+
+
+def case_engine():
+    from conftest import tiny_model
+
+    from mmmamba.inference import generate
+    from mmmamba.inference.engine import Engine
+
+    for lt in (["mamba2", "mamba2"], ["attention", "mamba2"]):
+        model = tiny_model(lt, head_dim=16, num_hidden_layers=2)
+        ids = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(0))
+        ref = generate(model, ids, max_new_tokens=6)
+        eng = Engine(model, kernels="triton")
+        out = eng.generate(ids, max_new_tokens=6)
+        assert eng.kernels == "triton" and eng.fallback_reason is None, eng.fallback_reason
+        assert torch.equal(out, ref), (out, ref)
+        eng.reserve(1, 32)
+        eng.set_tokens(eng.prefill(ids).argmax(-1))
+        err = eng.compare_kernels()
+        assert err < 1e-5, err
+    # left-padded batch of 2 through the hybrid
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    ref = generate(model, ids, attention_mask=mask, max_new_tokens=4)
+    assert torch.equal(eng.generate(ids, attention_mask=mask, max_new_tokens=4), ref)
+    eng_c = Engine(model, kernels="triton", prefill_chunk=4)  # chunked prefill through the fused kernels
+    assert torch.equal(eng_c.generate(ids, attention_mask=mask, max_new_tokens=4), ref)
+    print("engine ok")
+
+
+if __name__ == "__main__":
+    {"kernels": case_kernels, "engine": case_engine}[sys.argv[1]]()
