@@ -97,6 +97,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps, seq_len=args.seq_len, batch=args.batch, placement=args.placement)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmmamba", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -121,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (overrides the recipe's output_dir)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)
+
+    m = sub.add_parser("demo", help="offline CPU demo: SmolLM2 -> hybrid student, three short stages, metrics")
+    m.add_argument("--out", default="runs/demo", help="output folder (a previous demo there is replaced)")
+    m.add_argument("--steps", type=int, default=20, help="optimizer steps per stage")
+    m.add_argument("--seq-len", type=int, default=256)
+    m.add_argument("--batch", type=int, default=4)
+    m.add_argument("--placement", default="every:4", help="attention layers of the hybrid (every:K, list, none)")
+    m.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="generate text (optionally about an image) with a model folder")
     g.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
@@ -150,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"mmmamba {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -217,3 +217,24 @@ def test_triton_kernels_match_torch_semantics():
 def test_triton_engine_matches_reference():
     out = _run_case("engine")
     assert "engine ok" in out
+
+
+@triton_missing
+def test_triton_hybrid_step_matches_torch_and_reference():
+    out = _run_case("hybrid")
+    assert "hybrid ok" in out
+
+
+def test_self_check_verdict_allows_low_precision_noise():
+    from mmmamba.bench.run import self_check_failure
+
+    # H100 bf16 HoVLE-2.6B numbers: the hybrid's 5.2e-2 sits at the bf16 torch step's own distance from fp32
+    assert self_check_failure({"triton_vs_torch": 5.19e-2, "triton_vs_fp32": 4.5e-2, "torch_vs_fp32": 4.8e-2},
+                              5e-2) is None
+    assert self_check_failure({"triton_vs_torch": 4e-2, "triton_vs_fp32": 4e-2, "torch_vs_fp32": 0.0}, 5e-2) is None
+    assert "off by" in self_check_failure({"triton_vs_torch": 0.9, "triton_vs_fp32": 0.9, "torch_vs_fp32": 5e-2},
+                                          5e-2)
+    assert "off by" in self_check_failure({"triton_vs_torch": 6e-2, "triton_vs_fp32": 6e-2, "torch_vs_fp32": 0.0},
+                                          5e-2)
+    assert "NaN" in self_check_failure({"triton_vs_torch": float("nan"), "triton_vs_fp32": 0.0,
+                                        "torch_vs_fp32": 0.0}, 5e-2)

@@ -176,5 +176,48 @@ def case_engine():
     print("engine ok")
 
 
+def case_hybrid():
+    """Bench-shaped hybrid (attention every 4 layers, GQA, head_dim 64), fp32: Triton step == torch step == the
+    reference path, after a real prefill and after `StaticCache.fill_random` (the bench's two decode contexts);
+    plus the noise-aware bf16 self-check (`Engine.kernel_errors`) on a linear model (bf16 attention is not run:
+    Triton's interpreter mis-evaluates bf16 `tl.dot`)."""
+    from mmmamba.bench.models import make_config
+    from mmmamba.bench.run import self_check_failure
+    from mmmamba.inference.engine import Engine
+    from mmmamba.models.cache import HybridCache
+    from mmmamba.models.decoder import MMMambaForCausalLM
+
+    for hq, kvh in ((4, 2), (8, 4)):
+        dims = dict(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                    num_attention_heads=hq, num_key_value_heads=kvh, head_dim=64, rms_norm_eps=1e-5,
+                    rope_theta=1_000_000.0, max_position_embeddings=4096, mamba_d_conv=2, mamba_chunk_size=16)
+        cfg = make_config(dims, "hybrid")
+        assert cfg.attention_layers == [0, 4], cfg.attention_layers
+        torch.manual_seed(0)
+        model = MMMambaForCausalLM(cfg).eval()
+        ids = torch.randint(0, 300, (1, 37), generator=torch.Generator().manual_seed(1))
+        eng = Engine(model, kernels="triton", cuda_graph=False)
+        eng.reserve(1, 48)
+        tok = eng.prefill(ids).argmax(-1)
+        eng.set_tokens(tok)
+        errs = eng.kernel_errors()
+        assert errs["triton_vs_torch"] < 1e-5 and self_check_failure(errs, 5e-2) is None, errs
+        eng.decode_step()  # Triton step vs the reference path (full forward over prompt + token)
+        ref = model(input_ids=torch.cat([ids, tok[:, None]], 1), cache=HybridCache(cfg), use_cache=True).logits[:, -1]
+        close(eng.logits, ref, tol=1e-4)
+        eng.reserve(1, 48)
+        eng.cache.fill_random(30, generator=torch.Generator().manual_seed(2))
+        eng.set_tokens(tok)
+        assert eng.compare_kernels() < 1e-5
+    torch.manual_seed(0)
+    lin = MMMambaForCausalLM(make_config(dims, "linear")).eval().to(torch.bfloat16)
+    eng = Engine(lin, kernels="triton", cuda_graph=False)
+    eng.reserve(1, 48)
+    eng.set_tokens(eng.prefill(ids).argmax(-1))
+    errs = eng.kernel_errors()
+    assert errs["torch_vs_fp32"] > 0 and self_check_failure(errs, 5e-2) is None, errs
+    print("hybrid ok")
+
+
 if __name__ == "__main__":
-    {"kernels": case_kernels, "engine": case_engine}[sys.argv[1]]()
+    {"kernels": case_kernels, "engine": case_engine, "hybrid": case_hybrid}[sys.argv[1]]()

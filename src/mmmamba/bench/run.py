@@ -107,6 +107,18 @@ def _floor(rec: dict, runner, ctx: int, batch: int, bw: float) -> None:
         rec["tokens_per_s"] = batch * 1e3 / rec["ms_median"]
 
 
+def self_check_failure(errs: dict, tol: float, noise_factor: float = 2.0) -> str | None:
+    """Verdict on `Engine.kernel_errors`: None when the Triton step is fine, else the reason. The Triton step must be
+    within `tol` of the torch step, or (bf16 / fp16, where both steps round) no further from the fp32 step than
+    `noise_factor` times the torch step's own rounding error (plus `tol`)."""
+    e, ef, tf = errs["triton_vs_torch"], errs["triton_vs_fp32"], errs["torch_vs_fp32"]
+    if not (e == e and ef == ef and tf == tf):
+        return "Triton step gave NaN"
+    if e <= tol or ef <= tol + noise_factor * tf:
+        return None
+    return f"Triton step off by {e:.2e} (rel.; {ef:.2e} from the fp32 step, torch step {tf:.2e})"
+
+
 def run_bench(opts: BenchOptions, log=print) -> dict:
     """Run the benchmark described by `opts`; returns the results dict (also written to opts.out)."""
     threads = torch.get_num_threads()
@@ -182,10 +194,12 @@ def _run_bench(opts: BenchOptions, log=print) -> dict:
         if hasattr(runner, "self_check") and info.get("kernels") == "triton":
             rec = {"status": "ok"}
             with point(rec, dev, log):
-                err = runner.self_check()
-                info["self_check_rel_err"] = err
-                if not err == err or err > o.self_check_tol:  # NaN or too far from the torch step
-                    info["fallback"] = f"Triton step off by {err:.2e} (rel.): torch kernels used"
+                errs = runner.self_check()
+                info["self_check_rel_err"] = errs["triton_vs_torch"]
+                info["self_check_vs_fp32"] = {k: errs[k] for k in ("triton_vs_fp32", "torch_vs_fp32")}
+                bad = self_check_failure(errs, o.self_check_tol)
+                if bad:
+                    info["fallback"] = f"{bad}: torch kernels used"
                     runner.set_kernels("torch")
                     info["kernels"] = "torch"
             if rec["status"] != "ok":

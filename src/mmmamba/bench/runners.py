@@ -96,15 +96,16 @@ class OursRunner:
             sync(self.device)
         eng.release()
 
-    def self_check(self, ctx: int = 256) -> float:
-        """Triton step vs torch step (same state): relative max error of the logits."""
+    def self_check(self, ctx: int = 256) -> dict:
+        """Triton step vs torch step (same state), each also against the fp32 step: relative max errors of the
+        logits (`Engine.kernel_errors`)."""
         eng = self.engine
         eng.reserve(1, ctx + 8)
         logits = eng.prefill(_rand_ids(self.vocab, 1, ctx, self.device, seed=1))
         eng.set_tokens(logits.argmax(-1))
-        err = eng.compare_kernels()
+        errs = eng.kernel_errors()
         eng.release()
-        return err
+        return errs
 
     def run_point(self, ctx: int, batch: int, steps: int, warmup: int, prefill: bool, seed: int = 0):
         eng = self.engine
