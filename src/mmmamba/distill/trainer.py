@@ -145,76 +145,215 @@ def set_rng_state(js: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- data
-def _set_epoch(loader, epoch: int) -> None:
-    for obj in (loader, getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
-        if obj is not None and hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-    if hasattr(loader, "iteration"):
-        loader.iteration = epoch
+def _set_epoch(obj, epoch: int) -> None:
+    """set_epoch on a batch sampler and the sampler under it (a torch DataLoader's own epoch is not used)."""
+    for o in (obj, getattr(obj, "sampler", None)):
+        if o is not None and hasattr(o, "set_epoch"):
+            o.set_epoch(epoch)
+
+
+def _indexable(loader) -> bool:
+    return isinstance(loader, torch.utils.data.DataLoader) and not isinstance(
+        loader.dataset, torch.utils.data.IterableDataset)
+
+
+class _EpochIndex:
+    """The batches of a map-style torch DataLoader as one global sequence over epochs: epoch e is its batch
+    sampler's (or, without auto-batching, its sampler's) output after set_epoch(e), drawn under a torch RNG seeded
+    with (seed, e) so that a sampler drawing from the global RNG (RandomSampler) is a function of (seed, e) too.
+    Only indices are produced here; nothing is loaded."""
+
+    def __init__(self, loader, seed: int):
+        self.sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+        self.seed = seed
+        self.lengths: dict[int, int] = {}
+        self._cache: dict[int, list] = {}
+
+    def epoch(self, e: int) -> list:
+        if e not in self._cache:
+            _set_epoch(self.sampler, e)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed * 1_000_003 + e)
+                items = list(self.sampler)
+            if not items:
+                raise ValueError(f"the data loader yields no batch in epoch {e}")
+            self.lengths[e] = len(items)
+            self._cache = {k: v for k, v in self._cache.items() if k >= e - 1}  # the current and previous epoch
+            self._cache[e] = items
+        return self._cache[e]
+
+    def length(self, e: int) -> int:
+        if e not in self.lengths:
+            self.epoch(e)
+        return self.lengths[e]
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(epoch, index in that epoch) of global batch g."""
+        e = 0
+        while g >= self.length(e):
+            g -= self.length(e)
+            e += 1
+        return e, g
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """Endless batch sampler of one process: global batches start + rank, start + rank + n, ... (their index lists)."""
+
+    def __init__(self, index: _EpochIndex, start: int, rank: int, n_proc: int):
+        self.index, self.start, self.rank, self.n = index, start, rank, n_proc
+
+    def __iter__(self):
+        g = self.start + self.rank
+        e, p = self.index.locate(g)
+        while True:
+            yield self.index.epoch(e)[p]
+            p += self.n
+            while p >= self.index.length(e):
+                p -= self.index.length(e)
+                e += 1
 
 
 class DataStream:
-    """Endless stream of batches over epochs with a resumable position (epoch, batches consumed in it).
+    """Endless stream of micro-batches with a resumable position that does not depend on the process count.
 
-    A torch DataLoader (prepared by accelerate: sharded, on device) is restarted each epoch with
-    set_epoch(epoch) and resumed with skip_first_batches (no data is loaded for the skipped batches).
-    Any other iterable of batch dicts is re-iterated each epoch, skipped by consumption, moved to the device
-    and, with several processes, sharded round-robin."""
+    The data form one global sequence of micro-batches running across epochs (epoch e: set_epoch(e), then its
+    batches; then epoch e + 1, ...). Process r of n takes the global batches g with g % n == r, in order, so with
+    accumulation k per process an optimizer step consumes global batches [s * k * n, (s + 1) * k * n) whatever n
+    is: 1 process with accumulation k * n and n processes with accumulation k see the same samples per step, also
+    across epoch boundaries (a partial last batch of an epoch is just one more batch of the sequence).
 
-    def __init__(self, source, accelerator, seed: int, prepared: bool):
-        self.source, self.acc, self.seed, self.prepared = source, accelerator, seed, prepared
-        self.epoch, self.pos = 0, 0
+    * A map-style torch DataLoader is not prepared by accelerate: each process walks its batch sampler's index
+      lists and loads and collates only its own batches (dataset[i] + collate_fn), through a DataLoader over the
+      same dataset / collate_fn / num_workers / pin_memory whose batch sampler yields just those index lists (the
+      workers, if any, load only this process's batches; a sampler is iterated in the main process). Resuming
+      advances the sampler (index lists only; nothing is loaded or collated).
+    * Any other iterable of batch dicts (a list, an IterableDataset loader, ...) is re-iterated each epoch; every
+      process iterates all of it and keeps its own share; skipping consumes batches.
+
+    Batches are moved to the accelerator's device here. The position is the global counter of consumed batches
+    (`state()["global_batch"]`, all processes together); "epoch" / "batch_in_epoch" say where the last consumed
+    batch lies (informational, and the resume position of checkpoints from before the global counter)."""
+
+    def __init__(self, source, accelerator, seed: int, prepared: bool = False):
+        if prepared:
+            raise ValueError("DataStream takes the plain source; it shards the data itself")
+        self.source, self.acc, self.seed = source, accelerator, seed
+        self.n, self.rank = max(1, accelerator.num_processes), accelerator.process_index
+        self.indexed = _indexable(source)
+        self.index = _EpochIndex(source, seed) if self.indexed else None
+        self._start = 0  # the global batch start() positioned the stream at
+        self._mine = 0  # batches this process took since start()
         self._it = None
+        self._walk = None  # plain iterables: [epoch, index in epoch, global index, iterator]
+        self._last = (0, 0)
+
+    @property
+    def consumed(self) -> int:
+        """Global batches consumed by all processes together (exact between optimizer steps, when every process
+        has taken as many batches as the others)."""
+        return self._start + self._mine * self.n
+
+    @property
+    def epoch(self) -> int:
+        return self.state()["epoch"]
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.pos}
+        g = self.consumed
+        if g == 0:
+            e, p = 0, 0
+        elif self.indexed:
+            e, p = self.index.locate(g - 1)
+            p += 1
+        else:
+            self._advance(g)  # never past this process's next batch (>= g)
+            e, p = self._last
+        return {"epoch": e, "batch_in_epoch": p, "global_batch": g}
 
-    def start(self, epoch: int = 0, skip: int = 0) -> None:
-        self.epoch, self.pos = epoch, skip
-        with torch.random.fork_rng(devices=[]):  # a loader drawing from the global RNG gets a (seed, epoch) stream
-            torch.manual_seed(self.seed * 1_000_003 + epoch)
+    def start(self, epoch: int = 0, skip: int = 0, global_batch: int | None = None) -> None:
+        """Position the stream at global batch `global_batch` (from `state()`), or, for older checkpoints, after
+        `skip` batches of `epoch`."""
+        if global_batch is None:
+            global_batch = self._global_of(epoch, skip)
+        self._start, self._mine = int(global_batch), 0
+        if self.indexed:
             src = self.source
-            if isinstance(src, torch.utils.data.DataLoader):
-                _set_epoch(src, epoch)
-                if skip:
-                    src = self.acc.skip_first_batches(src, skip) if self.prepared else _skip_loader(src, skip)
-                    _set_epoch(src, epoch)
-                self._it = iter(src)
+            sampler = _RankBatches(self.index, self.consumed, self.rank, self.n)
+            if src.batch_sampler is not None:
+                kw = dict(batch_sampler=sampler)
             else:
-                it = iter(src)
-                n_proc, rank = self.acc.num_processes, self.acc.process_index
-                if n_proc > 1:
-                    it = (b for i, b in enumerate(it) if i % n_proc == rank)
-                for _ in range(skip):
-                    if next(it, None) is None:
-                        raise ValueError(f"data ended after fewer than {skip} batches while resuming epoch {epoch}")
-                self._it = it
+                kw = dict(sampler=sampler, batch_size=None)
+            extra = dict(prefetch_factor=src.prefetch_factor, persistent_workers=False) if src.num_workers else {}
+            loader = torch.utils.data.DataLoader(
+                src.dataset, collate_fn=src.collate_fn, num_workers=src.num_workers, pin_memory=src.pin_memory,
+                timeout=src.timeout, worker_init_fn=src.worker_init_fn,
+                multiprocessing_context=src.multiprocessing_context, **kw, **extra)
+            with torch.random.fork_rng(devices=[]):  # the loader's base seed for workers: a function of (seed, g)
+                torch.manual_seed(self.seed * 1_000_003 + self.consumed)
+                self._it = iter(loader)
+        else:
+            self._walk = None
+            self._last = (0, 0)
+            self._advance(self.consumed)
 
+    def _global_of(self, epoch: int, skip: int) -> int:
+        if self.indexed:
+            return sum(self.index.length(e) for e in range(epoch)) + skip
+        g = 0
+        for e in range(epoch):
+            g += sum(1 for _ in self._epoch_iter(e))
+        return g + skip
+
+    # -- plain iterables
+    def _epoch_iter(self, e: int):
+        with torch.random.fork_rng(devices=[]):  # a source drawing from the global RNG gets a (seed, epoch) stream
+            torch.manual_seed(self.seed * 1_000_003 + e)
+            return iter(self.source)
+
+    def _pull(self):
+        """The next batch of the global sequence: (global index, batch)."""
+        if self._walk is None:
+            self._walk = [0, 0, 0, self._epoch_iter(0)]
+        w = self._walk
+        b = next(w[3], None)
+        if b is None:
+            if w[1] == 0:
+                raise ValueError(f"the data yielded no batch in epoch {w[0]} (empty, or a one-shot iterator that "
+                                 "is exhausted; pass a re-iterable such as a list or a DataLoader)")
+            w[0], w[1], w[3] = w[0] + 1, 0, self._epoch_iter(w[0] + 1)
+            b = next(w[3], None)
+            if b is None:
+                raise ValueError(f"the data yielded no batch in epoch {w[0]} (empty, or a one-shot iterator that "
+                                 "is exhausted; pass a re-iterable such as a list or a DataLoader)")
+        g = w[2]
+        w[1] += 1
+        w[2] += 1
+        self._last = (w[0], w[1])
+        return g, b
+
+    def _advance(self, g: int) -> None:
+        """Walk (without keeping them) the global batches before g."""
+        while (self._walk[2] if self._walk is not None else 0) < g:
+            self._pull()
+
+    # -- consuming
     def next(self) -> dict:
-        if self._it is None:
-            self.start(0, 0)
-        for attempt in range(2):
-            b = next(self._it, None)
-            if b is not None:
-                self.pos += 1
-                return self._to_device(b)
-            if attempt == 0 and self.pos == 0:
-                break
-            self.start(self.epoch + 1, 0)
-        raise ValueError(f"the data yielded no batch in epoch {self.epoch} (empty, or a one-shot iterator that "
-                         "is exhausted; pass a re-iterable such as a list or a DataLoader)")
+        if self._it is None and self._walk is None:
+            self.start(0)
+        want = self._start + self.rank + self._mine * self.n
+        if self.indexed:
+            b = next(self._it)
+        else:
+            self._advance(want)
+            g, b = self._pull()
+            assert g == want
+        self._mine += 1
+        return self._to_device(b)
 
     def _to_device(self, batch: dict) -> dict:
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise ValueError(f"a batch must be a dict with input_ids (and attention_mask, labels), got {type(batch)}")
         dev = self.acc.device
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items() if k in BATCH_KEYS}
-
-
-def _skip_loader(loader, skip):
-    from accelerate.data_loader import skip_first_batches
-
-    return skip_first_batches(loader, skip)
 
 
 # --------------------------------------------------------------------------------------------- logging
@@ -458,11 +597,9 @@ class StageRunner:
         scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg)
         accum = cfg.accumulation(acc.num_processes)
 
-        source = self._build_data(tokenizer, student.config)
-        prepared = isinstance(source, torch.utils.data.DataLoader)
-        if prepared:
-            source = acc.prepare(source)
-        stream = DataStream(source, acc, recipe.seed, prepared)
+        # not prepared by accelerate: DataStream shards one global batch sequence (same samples per step for any
+        # process count) and moves the batches to the device
+        stream = DataStream(self._build_data(tokenizer, student.config), acc, recipe.seed)
 
         step, tokens, elapsed, recent = 0, 0, 0.0, []
         if state is not None:
@@ -470,7 +607,8 @@ class StageRunner:
             osd = torch.load(ckpt / "trainer" / "optimizer.pt", map_location="cpu", weights_only=True)
             _load_optimizer_state(acc, module, optimizer, osd)
             scheduler.load_state_dict(json.loads((ckpt / "trainer" / "scheduler.json").read_text()))
-            stream.start(state["data"]["epoch"], state["data"]["batch_in_epoch"])
+            d = state["data"]
+            stream.start(d["epoch"], d["batch_in_epoch"], d.get("global_batch"))
             from safetensors.torch import load_file
 
             r = acc.process_index
