@@ -217,7 +217,7 @@ def test_outputs_manifest_and_checkpoint_files(tmp_path):
     osd = torch.load(ck / "trainer" / "optimizer.pt", weights_only=True)
     assert osd["state"] and len(osd["param_groups"]) == 2
     state = json.loads((ck / "trainer" / "state.json").read_text())
-    assert state["step"] == 2 and state["data"] == {"epoch": 1, "batch_in_epoch": 1}
+    assert state["step"] == 2 and state["data"] == {"epoch": 1, "batch_in_epoch": 1, "global_batch": 4}
     assert (ck / "trainer" / "rng_0.safetensors").exists() and (ck / "trainer" / "scheduler.json").exists()
     # the final model holds every parameter (dt_bias / A_log too) and loads with from_pretrained
     from transformers import AutoModelForCausalLM
@@ -302,3 +302,54 @@ def test_optimizer_groups_and_wsd_schedule(tiny_teacher):
     assert lrs[0] == 0.0 and lrs[1] == pytest.approx(0.5)  # warmup: 2 steps (10 %)
     assert all(x == pytest.approx(1.0) for x in lrs[2:18])  # stable: 16 steps (80 %)
     assert lrs[18] == pytest.approx(1.0) and lrs[19] == pytest.approx(0.5)  # decay: 2 steps (10 %, cosine)
+
+
+def _run_worker(args, out, teacher, timeout=600):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([*args, str(Path(__file__).with_name("ddp_worker.py")), str(out), str(teacher)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_two_processes_match_one_process_with_accumulation(tmp_path):
+    """Global batch 4 as 1 process x micro 2 x accumulation 2 and as 2 processes (torchrun, gloo) x micro 2 x
+    accumulation 1, on a bucketed DataLoader with 7 micro-batches per epoch (odd, the last one partial), 8 steps
+    (2 micro-batches each: past two epoch boundaries, steps 4 and 8 straddle one): each step sees the same samples,
+    so the logged losses, token counts and final weights of stages 1-3 are bit-identical. A 2-process run stopped
+    after step 4 and resumed from its step-3 checkpoint (the next step straddles the epoch boundary: one process
+    takes the partial last batch of epoch 0, the other the first of epoch 1) matches too, and so does a plain list of
+    5 batches (tests/distill/ddp_worker.py)."""
+    import shutil
+    import sys
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    _teacher(tmp_path / "t")  # = the worker's teacher
+    _run_worker([sys.executable], tmp_path / "one", tmp_path / "t")
+    _run_worker([torchrun, "--standalone", "--nproc_per_node", "2"], tmp_path / "two", tmp_path / "t")
+
+    def log(run, stage):
+        return [json.loads(x) for x in (run / "logs" / f"stage{stage}.jsonl").read_text().splitlines()]
+
+    one, two, resumed = tmp_path / "one" / "run", tmp_path / "two" / "run", tmp_path / "two" / "resumed"
+    for stage in (1, 2, 3):
+        a, b, c = log(one, stage), log(two, stage), log(resumed, stage)
+        assert len(a) == 8 and [r["epoch"] for r in a] == [0, 0, 0, 1, 1, 1, 1, 2]
+        for key in ("loss", "tokens", "epoch"):
+            assert [r[key] for r in a] == [r[key] for r in b] == [r[key] for r in c], (stage, key)
+        _assert_identical(one / f"stage{stage}", two / f"stage{stage}")
+        _assert_identical(one / f"stage{stage}", resumed / f"stage{stage}")
+        a, b = log(tmp_path / "one" / "list", stage), log(tmp_path / "two" / "list", stage)  # a plain list of batches
+        assert [(r["loss"], r["tokens"], r["epoch"]) for r in a] == [(r["loss"], r["tokens"], r["epoch"]) for r in b]
+        _assert_identical(tmp_path / "one" / "list" / f"stage{stage}", tmp_path / "two" / "list" / f"stage{stage}")
+    for step, pos in ((3, {"epoch": 0, "batch_in_epoch": 6, "global_batch": 6}),
+                      (6, {"epoch": 1, "batch_in_epoch": 5, "global_batch": 12})):
+        ck = resumed / "stage1-checkpoints" / f"step-{step:08d}" / "trainer" / "state.json"
+        assert json.loads(ck.read_text())["data"] == pos

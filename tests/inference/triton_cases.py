@@ -181,6 +181,8 @@ def case_hybrid():
     reference path, after a real prefill and after `StaticCache.fill_random` (the bench's two decode contexts);
     plus the noise-aware bf16 self-check (`Engine.kernel_errors`) on a linear model (bf16 attention is not run:
     Triton's interpreter mis-evaluates bf16 `tl.dot`)."""
+    from conftest import randomize_ssm
+
     from mmmamba.bench.models import make_config
     from mmmamba.bench.run import self_check_failure
     from mmmamba.inference.engine import Engine
@@ -194,7 +196,7 @@ def case_hybrid():
         cfg = make_config(dims, "hybrid")
         assert cfg.attention_layers == [0, 4], cfg.attention_layers
         torch.manual_seed(0)
-        model = MMMambaForCausalLM(cfg).eval()
+        model = randomize_ssm(MMMambaForCausalLM(cfg).eval(), 0)
         ids = torch.randint(0, 300, (1, 37), generator=torch.Generator().manual_seed(1))
         eng = Engine(model, kernels="triton", cuda_graph=False)
         eng.reserve(1, 48)
@@ -203,20 +205,21 @@ def case_hybrid():
         errs = eng.kernel_errors()
         assert errs["triton_vs_torch"] < 1e-5 and self_check_failure(errs, 5e-2) is None, errs
         eng.decode_step()  # Triton step vs the reference path (full forward over prompt + token)
-        ref = model(input_ids=torch.cat([ids, tok[:, None]], 1), cache=HybridCache(cfg), use_cache=True).logits[:, -1]
+        with torch.no_grad():
+            ref = model(input_ids=torch.cat([ids, tok[:, None]], 1), cache=HybridCache(cfg)).logits[:, -1]
         close(eng.logits, ref, tol=1e-4)
         eng.reserve(1, 48)
         eng.cache.fill_random(30, generator=torch.Generator().manual_seed(2))
         eng.set_tokens(tok)
         assert eng.compare_kernels() < 1e-5
     torch.manual_seed(0)
-    lin = MMMambaForCausalLM(make_config(dims, "linear")).eval().to(torch.bfloat16)
+    lin = randomize_ssm(MMMambaForCausalLM(make_config(dims, "linear")).eval(), 0).to(torch.bfloat16)
     eng = Engine(lin, kernels="triton", cuda_graph=False)
     eng.reserve(1, 48)
     eng.set_tokens(eng.prefill(ids).argmax(-1))
     errs = eng.kernel_errors()
     assert errs["torch_vs_fp32"] > 0 and self_check_failure(errs, 5e-2) is None, errs
-    print("hybrid ok")
+    print("hybrid ok", errs)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,10 @@ built, logged as ``path:line: reason`` and skipped (``dataset.bad_rows``), or ra
 An image that becomes unreadable after the scan is dropped from its batch by the collator (or raises, strict).
 
 Determinism and resume: the order depends only on (seed, epoch). Call ``loader.batch_sampler.set_epoch(e)``
-(accelerate's prepared loaders do this) and ``skip_first_batches(loader, k)`` (or accelerate's) to resume.
+and ``skip_first_batches(loader, k)`` (or accelerate's) to resume. The trainer does not let accelerate shard this
+loader: its `DataStream` walks the batch sampler's index lists as one global sequence across epochs and gives
+process r of n the batches g with g % n == r, loading them through a DataLoader over the same dataset, collator and
+``num_workers`` (so the samples of each optimizer step do not depend on the process count).
 """
 
 from __future__ import annotations

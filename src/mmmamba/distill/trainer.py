@@ -13,6 +13,11 @@ Per stage k the run writes, under the recipe's output_dir:
 Nothing is unpickled: optimizer state is read with torch.load(weights_only=True), RNG states are JSON +
 safetensors, the rest JSON. `resume=True` continues from the newest complete checkpoint so that the final
 weights are bit-identical to an uninterrupted run (same machine / software; tests/distill/test_trainer.py).
+
+Data across processes: the micro-batches form one global sequence over epochs; process r of n takes every n-th
+(`DataStream`), so a run with n processes and accumulation k takes the same samples per optimizer step as one
+process with accumulation n * k (same global batch): their loss curves match (bit-identical on CPU / gloo,
+tests/distill/test_trainer.py::test_two_processes_match_one_process_with_accumulation).
 """
 
 from __future__ import annotations
@@ -234,9 +239,7 @@ class DataStream:
     (`state()["global_batch"]`, all processes together); "epoch" / "batch_in_epoch" say where the last consumed
     batch lies (informational, and the resume position of checkpoints from before the global counter)."""
 
-    def __init__(self, source, accelerator, seed: int, prepared: bool = False):
-        if prepared:
-            raise ValueError("DataStream takes the plain source; it shards the data itself")
+    def __init__(self, source, accelerator, seed: int):
         self.source, self.acc, self.seed = source, accelerator, seed
         self.n, self.rank = max(1, accelerator.num_processes), accelerator.process_index
         self.indexed = _indexable(source)
@@ -500,7 +503,7 @@ class StageRunner:
 
     # -- main -------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        from accelerate import Accelerator, DataLoaderConfiguration
+        from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
         from ..teachers.hf import load_teacher, resolve_teacher
@@ -519,7 +522,6 @@ class StageRunner:
         self.acc = acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun) then form a gloo group
             mixed_precision=precision,
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=recipe.seed),
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
             fsdp_plugin=plugin,
         )
