@@ -21,9 +21,12 @@ YAML
 }
 recipe $W/one > $W/one.yaml
 recipe $W/two > $W/two.yaml
+O="${OUT:-/tmp}"
+trap 'cp $W/one.log $W/two.log "$O"/ 2>/dev/null || true' EXIT   # keep both logs, also on failure or timeout
 python -m mmmamba.cli distill $W/one.yaml --no-progress > $W/one.log 2>&1
-accelerate launch --num_processes 2 --mixed_precision bf16 -m mmmamba.cli distill $W/two.yaml --no-progress \
-  > $W/two.log 2>&1
+# a stuck run prints every thread's stack each 120 s (MMMAMBA_DUMP_STACKS_AFTER) into two.log
+MMMAMBA_DUMP_STACKS_AFTER=120 accelerate launch --num_processes 2 --mixed_precision bf16 -m mmmamba.cli distill \
+  $W/two.yaml --no-progress > $W/two.log 2>&1
 python - <<PY | tee ${OUT:-/tmp}/ddp_agreement.md
 import json
 W = "$W"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    hang_s = os.environ.get("MMMAMBA_DUMP_STACKS_AFTER")
+    if hang_s:  # diagnose a stuck (e.g. multi-process) run: print every thread's stack after that many seconds
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(hang_s), repeat=True)
     try:
         return args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
