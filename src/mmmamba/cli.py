@@ -84,6 +84,11 @@ def cmd_generate(args) -> int:
         pixel_values = pixel_values.to(args.device, model.dtype)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    use_engine = args.engine if args.engine is not None else args.device.startswith("cuda")
+    if use_engine:  # static cache, fused weights, CUDA-graph decode; same tokens as the reference loop
+        from .inference.engine import Engine
+
+        model = Engine(model)
     model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values,
                    max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
@@ -152,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="float32")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast engine (static cache, fused kernels, CUDA graph); default: on for CUDA")
     g.set_defaults(func=cmd_generate)
 
     from .bench.run import add_arguments as add_bench_arguments
