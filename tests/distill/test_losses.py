@@ -8,14 +8,6 @@ import torch
 from mmmamba.distill.losses import kl_ce_loss, kl_positions, layerwise_loss, masked_mse
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_masked_mse_hand_computed():
     # (b=1, l=3, h=1, d=2); the last token is padding
     pred = torch.tensor([[[[1.0, 2.0]], [[0.0, 0.0]], [[9.0, 9.0]]]])

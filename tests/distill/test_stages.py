@@ -25,13 +25,6 @@ QKV = ["k_proj.weight", "q_proj.weight", "v_proj.weight"]
 S3 = ["conv1d.bias", "conv1d.weight", "dt_proj.weight", "g_norm.weight", "g_proj.weight"] + QKV
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _names(layers, parts):
     return sorted(MIXER.format(i) + p for i in layers for p in parts)

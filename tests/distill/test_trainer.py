@@ -25,14 +25,6 @@ from mmmamba.io import save_model
 QUIET = dict(progress=False, log=lambda *a: None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2-core machine: intra-op threads only add contention for these tiny models
-    yield
-    torch.set_num_threads(n)
-
-
 def _teacher(path, seed=1, init=0.02):
     from conftest import tiny_config
 

@@ -9,14 +9,6 @@ import torch.nn.functional as F
 from mmmamba.ops.kl import chunked_kl_ce, dense_kl_ce
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _case(n=37, h=16, v=53, seed=0):
     g = torch.Generator().manual_seed(seed)
     hs = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)

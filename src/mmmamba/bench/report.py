@@ -20,6 +20,20 @@ PAPER_FIG1_103K = {"teacher": (142.65, 21.69), "linear": (6.94, 5.22), "hybrid":
 PAPER_TABLE2 = {"teacher": (33.03, 7.75), "linear": (132.43, 1.93), "hybrid": (134.77, 1.90)}
 
 
+
+def _model_grid(L: list, res: dict, rows: list, key: str, title: str, fmt_key, fmt_cell) -> None:
+    """Markdown table: one row per value of `key`, one column per model that has rows; "–" where missing,
+    the status word where a point did not run."""
+    models = [m for m in _models(res) if any(r["model"] == m for r in rows)]
+    L.append(f"| {title} | " + " | ".join(_label(m) for m in models) + " |")
+    L.append("|---|" + "---|" * len(models))
+    for v in sorted({r[key] for r in rows}):
+        cells = []
+        for m in models:
+            r = next((x for x in rows if x["model"] == m and x[key] == v), None)
+            cells.append("–" if r is None else fmt_cell(r) if _ok(r) else r["status"].split(":")[0])
+        L.append(f"| {fmt_key(v)} | " + " | ".join(cells) + " |")
+
 def _label(name: str) -> str:
     return LABELS.get(name, name)
 
@@ -167,21 +181,8 @@ def write_markdown(res: dict, path: Path, plots: list[str]) -> str:
     L.append("")
     L.append("## Prefill time (s; tokens/s)")
     L.append("")
-    pctx = sorted({r["context"] for r in pre})
-    pm = [m for m in _models(res) if any(r["model"] == m for r in pre)]
-    L.append("| context | " + " | ".join(_label(m) for m in pm) + " |")
-    L.append("|---|" + "---|" * len(pm))
-    for c in pctx:
-        cells = []
-        for m in pm:
-            p = next((x for x in pre if x["model"] == m and x["context"] == c), None)
-            if p is None:
-                cells.append("–")
-            elif not _ok(p):
-                cells.append(p["status"].split(":")[0])
-            else:
-                cells.append(f"{p['seconds']:.3f} ({p['tokens_per_s'] / 1e3:.0f}K/s)")
-        L.append(f"| {_ctx(c)} | " + " | ".join(cells) + " |")
+    _model_grid(L, res, pre, "context", "context", _ctx,
+                lambda p: f"{p['seconds']:.3f} ({p['tokens_per_s'] / 1e3:.0f}K/s)")
     L.append("")
 
     t2 = res.get("table2", [])
@@ -204,21 +205,8 @@ def write_markdown(res: dict, path: Path, plots: list[str]) -> str:
         bctx = bs[0]["context"]
         L.append(f"## Decode throughput vs batch size at {_ctx(bctx)} context (tokens/s; ms/step; x floor)")
         L.append("")
-        bm = [m for m in _models(res) if any(r["model"] == m for r in bs)]
-        sizes = sorted({r["batch"] for r in bs})
-        L.append("| batch | " + " | ".join(_label(m) for m in bm) + " |")
-        L.append("|---|" + "---|" * len(bm))
-        for b in sizes:
-            cells = []
-            for m in bm:
-                r = next((x for x in bs if x["model"] == m and x["batch"] == b), None)
-                if r is None:
-                    cells.append("–")
-                elif not _ok(r):
-                    cells.append(r["status"].split(":")[0])
-                else:
-                    cells.append(f"{r['tokens_per_s']:.0f} ({r['ms_median']:.2f} ms, {r['ratio']:.2f}x)")
-            L.append(f"| {b} | " + " | ".join(cells) + " |")
+        _model_grid(L, res, bs, "batch", "batch", str,
+                    lambda r: f"{r['tokens_per_s']:.0f} ({r['ms_median']:.2f} ms, {r['ratio']:.2f}x)")
         L.append("")
 
     kc = res.get("kernel_compare", [])
