@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="offline CPU demo: SmolLM2 -> hybrid student, three short stages, metrics")
     m.add_argument("--out", default="runs/demo", help="output folder (a previous demo there is replaced)")
-    m.add_argument("--steps", type=int, default=20, help="optimizer steps per stage")
+    m.add_argument("--steps", type=int, default=20, help="optimizer steps of stages 1 and 2 (stage 3: 3/5 of it)")
     m.add_argument("--seq-len", type=int, default=256)
     m.add_argument("--batch", type=int, default=4)
     m.add_argument("--placement", default="every:4", help="attention layers of the hybrid (every:K, list, none)")

@@ -20,9 +20,10 @@ import torch
 DEMO_PROMPT = "The \"for\" statement is used to iterate over"
 
 
-def demo_recipe(out: Path, steps: int, seq_len: int, batch: int, placement: str) -> dict:
+def demo_recipe(out: Path, steps: int, seq_len: int, batch: int, placement: str, stage3_steps: int) -> dict:
     """Recipe dict: the paper's stages and losses, with a short schedule and CPU-sized batches.
-    Stage 3 uses a larger learning rate than the paper's 5e-5 because it runs only `steps` steps."""
+    Stage 3 (teacher + student forward and a full backward: ~3x a layer-wise step) runs `stage3_steps` steps, with
+    a larger learning rate than the paper's 5e-5 because the run is short."""
     common = dict(steps=steps, seq_len=seq_len, batch_size=batch, micro_batch_size=batch, log_every=5,
                   save_every=10 * steps, keep_checkpoints=0, warmup=0.1, decay=0.1)
     return {
@@ -38,7 +39,8 @@ def demo_recipe(out: Path, steps: int, seq_len: int, batch: int, placement: str)
         "stages": {
             1: {"lr": 1e-3},
             2: {"lr": 5e-4},
-            3: {"lr": 2e-4, "loss": {"temperature": 1.0, "positions": "all", "chunk_size": 512}},
+            3: {"lr": 2e-4, "steps": stage3_steps,
+                "loss": {"temperature": 1.0, "positions": "all", "chunk_size": 512}},
         },
     }
 
@@ -73,7 +75,9 @@ def _sample(model, tokenizer, max_new_tokens: int) -> str:
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256, batch: int = 4,
-             placement: str = "every:4", eval_batches: int = 4, sample_tokens: int = 40) -> dict:
+             placement: str = "every:4", eval_batches: int = 2, sample_tokens: int = 40,
+             stage3_steps: int | None = None) -> dict:
+    """Seed, distil (stages 1-2: `steps` steps; stage 3: `stage3_steps`, default 3/5 of `steps`), evaluate."""
     from transformers import AutoTokenizer
 
     from .distill.recipe import parse_recipe
@@ -94,7 +98,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256,
     print(f"[demo] teacher SmolLM2-135M-Instruct; student hybrid {placement}: attention at "
           f"{seeded.config.attention_layers}, {len(seeded.config.mamba_layers)} Mamba-2 layers")
     before = {"perplexity": perplexity(seeded, heldout), "kl_to_teacher": kl_to_teacher(seeded, teacher, heldout)}
-    recipe = parse_recipe(demo_recipe(out, steps, seq_len, batch, placement), source="mmmamba demo")
+    stage3_steps = stage3_steps or max(1, steps * 3 // 5)
+    recipe = parse_recipe(demo_recipe(out, steps, seq_len, batch, placement, stage3_steps), source="mmmamba demo")
     folders = run_distill(recipe, (1, 2, 3))
     student = load_model(folders[3])
     after = {"perplexity": perplexity(student, heldout), "kl_to_teacher": kl_to_teacher(student, teacher, heldout)}
@@ -102,7 +107,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256,
     samples = {"teacher": _sample(teacher, tok, sample_tokens), "student": _sample(student, tok, sample_tokens)}
     result = {
         "teacher": "SmolLM2-135M-Instruct", "placement": placement, "attention_layers": student.config.attention_layers,
-        "steps_per_stage": steps, "seq_len": seq_len, "batch": batch,
+        "steps_per_stage": [steps, steps, stage3_steps], "seq_len": seq_len, "batch": batch,
         "heldout_tokens": int(sum(int(b["attention_mask"].sum()) for b in heldout)),
         "teacher_perplexity": teacher_ppl, "seeded": before, "distilled": after, "samples": samples,
         "student_dir": str(folders[3]), "seconds": time.time() - t0,
@@ -113,7 +118,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256,
 
 
 def print_report(r: dict) -> None:
-    print(f"\nHeld-out pydoc topics ({r['heldout_tokens']} tokens), {r['steps_per_stage']} steps per stage, "
+    steps = "/".join(str(x) for x in r["steps_per_stage"])
+    print(f"\nHeld-out pydoc topics ({r['heldout_tokens']} tokens), {steps} steps in stages 1/2/3, "
           f"batch {r['batch']} x {r['seq_len']} tokens:")
     print("| model | perplexity | KL to teacher (nats/token) |\n|---|---|---|")
     print(f"| teacher (SmolLM2-135M-Instruct) | {r['teacher_perplexity']:.2f} | 0 |")
