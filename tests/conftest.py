@@ -54,6 +54,17 @@ def randomize_ssm(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> 
     return model
 
 
+def left_pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded ids (b, n) and attention mask (b, n), 0 on the padding."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, n - len(s) :] = torch.tensor(s)
+        mask[i, n - len(s) :] = 1
+    return ids, mask
+
+
 def tiny_model(layer_types=None, seed: int = 0, **overrides) -> MMMambaForCausalLM:
     """A random MMMambaForCausalLM (eval mode) with SSM parameters randomised too."""
     torch.manual_seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import left_pad
 
 from mmmamba.inference.generate import generate, sample_next
 from mmmamba.seed import seed_student
@@ -25,16 +26,6 @@ def _greedy_reference(model, ids, n):
     return ids
 
 
-def _left_pad(seqs, pad_id=0):
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s) :] = torch.tensor(s)
-        mask[i, n - len(s) :] = 1
-    return ids, mask
-
-
 def test_greedy_equals_uncached_argmax(student):
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     out = student.generate(ids, max_new_tokens=12, eos_token_id=[])
@@ -51,7 +42,7 @@ def test_teacher_greedy(tiny_teacher):
 def test_left_padded_batch_equals_one_at_a_time(student):
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (9, 3, 6)]
-    ids, mask = _left_pad(seqs, pad_id=7)
+    ids, mask = left_pad(seqs, pad_id=7)
     batch = student.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=[])
     for i, s in enumerate(seqs):
         single = student.generate(torch.tensor([s]), max_new_tokens=10, eos_token_id=[])
@@ -61,7 +52,7 @@ def test_left_padded_batch_equals_one_at_a_time(student):
 def test_left_padded_sampling_equals_one_at_a_time_per_row(student):
     """Sampling a batch of one padded row gives the same tokens as the unpadded row with the same seed."""
     s = torch.randint(1, 97, (5,), generator=torch.Generator().manual_seed(4))
-    ids, mask = _left_pad([s.tolist(), [1] * 8])
+    ids, mask = left_pad([s.tolist(), [1] * 8])
     kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, eos_token_id=[])
     padded = student.generate(ids[:1], attention_mask=mask[:1], generator=torch.Generator().manual_seed(9), **kw)
     plain = student.generate(s[None], generator=torch.Generator().manual_seed(9), **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import left_pad
 
 from mmmamba import HybridCache
 from mmmamba.layers.attention import KVState
@@ -90,20 +91,10 @@ def test_select_rows(student):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-def _left_pad(seqs, pad_id=0):
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s) :] = torch.tensor(s)
-        mask[i, n - len(s) :] = 1
-    return ids, mask
-
-
 def test_left_padded_batch_equals_one_at_a_time(student):
     g = torch.Generator().manual_seed(11)
     seqs = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (13, 6, 9, 1)]
-    ids, mask = _left_pad(seqs, pad_id=5)
+    ids, mask = left_pad(seqs, pad_id=5)
     with torch.no_grad():
         batch = student(ids, attention_mask=mask).logits
         for i, s in enumerate(seqs):
@@ -116,7 +107,7 @@ def test_left_padded_prefill_then_decode(student):
     g = torch.Generator().manual_seed(12)
     seqs = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (10, 4)]
     extra = torch.randint(1, 97, (2, 5), generator=g)
-    ids, mask = _left_pad(seqs)
+    ids, mask = left_pad(seqs)
     full_ids = torch.cat([ids, extra], 1)
     full_mask = torch.cat([mask, torch.ones_like(extra)], 1)
     got, _ = _decode(student, full_ids, (ids.shape[1],), mask=full_mask)
