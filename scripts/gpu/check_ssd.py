@@ -1,13 +1,16 @@
 """GPU check: fla-core SSD path vs the chunked torch reference, forward and backward, bf16.
 
-Run on a CUDA machine with fla-core installed:  python scripts/gpu/check_ssd.py [--lengths 4096 65536]
-Prints one row per length: relative errors of y, final state and the input gradients, and timings.
+Run on a CUDA machine with fla-core installed:
+    python scripts/gpu/check_ssd.py [--lengths 4096 65536] [--modes native,bk128,torch] [--shapes 16x128,9x64]
+Prints one row per (shape, length, backward mode): relative errors of y, final state and the input gradients, and
+forward / forward+backward timings. Modes: ops/ssd_fla.py (native = fla's own backward, where fla allows it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 
@@ -18,14 +21,14 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def inputs(L, h=16, p=128, n=128, dtype=torch.bfloat16, seed=0):
+def inputs(L, h=16, p=128, n=128, dtype=torch.bfloat16, seed=0, b=1):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(1, L, h, p, device="cuda", generator=g).to(dtype)
-    dt = torch.nn.functional.softplus(torch.randn(1, L, h, device="cuda", generator=g) - 4).float()
+    x = torch.randn(b, L, h, p, device="cuda", generator=g).to(dtype)
+    dt = torch.nn.functional.softplus(torch.randn(b, L, h, device="cuda", generator=g) - 4).float()
     A = -torch.exp(torch.rand(h, device="cuda", generator=g))
-    B = (torch.randn(1, L, h, n, device="cuda", generator=g) / n**0.5).to(dtype)
-    C = (torch.randn(1, L, h, n, device="cuda", generator=g) / n**0.5).to(dtype)
-    S0 = torch.randn(1, h, n, p, device="cuda", generator=g) * 0.1
+    B = (torch.randn(b, L, h, n, device="cuda", generator=g) / n**0.5).to(dtype)
+    C = (torch.randn(b, L, h, n, device="cuda", generator=g) / n**0.5).to(dtype)
+    S0 = torch.randn(b, h, n, p, device="cuda", generator=g) * 0.1
     return x, dt, A, B, C, S0
 
 
@@ -49,8 +52,8 @@ def timeit(f, reps=10):
     return s.elapsed_time(e) / reps
 
 
-def check_length(L: int) -> dict:
-    x, dt, A, B, C, S0 = inputs(L)
+def check(L: int, h: int, d: int, modes: list[str], b: int = 1) -> list[dict]:
+    x, dt, A, B, C, S0 = inputs(L, h=h, p=d, n=d, b=b)
     gy = torch.randn(x.shape, device="cuda")
     gS = torch.randn(S0.shape, device="cuda")
 
@@ -58,37 +61,55 @@ def check_length(L: int) -> dict:
         return ssd_chunked(*a, **k, chunk_size=64)
 
     ref = run(reference, x.float(), dt, A, B.float(), C.float(), S0, gy, gS)
-    fla = run(ssd_fla, x, dt, A, B, C, S0, gy, gS)
-    row = {"L": L, "y": rel(fla[0], ref[0]), "state": rel(fla[1], ref[1])}
-    for name, a, b in zip(["dx", "ddt", "dB", "dC"], fla[2], ref[2]):
-        row[name] = rel(a, b)
-    row["fla_fwd_ms"] = timeit(lambda: ssd_fla(x, dt, A, B, C, initial_state=S0))
-    row["torch_fwd_ms"] = timeit(lambda: ssd_chunked(x, dt, A, B, C, initial_state=S0), reps=3)
-    return row
+    rows = []
+    for mode in modes:
+        os.environ["MMMAMBA_SSD_BACKWARD"] = mode
+        try:
+            fla = run(ssd_fla, x, dt, A, B, C, S0, gy, gS)
+        except Exception as e:  # e.g. fla's own refusal of its native backward on this Triton
+            rows.append({"L": L, "b": b, "h": h, "d": d, "mode": mode, "error": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        row = {"L": L, "b": b, "h": h, "d": d, "mode": mode, "y": rel(fla[0], ref[0]), "state": rel(fla[1], ref[1])}
+        for name, a, r in zip(["dx", "ddt", "dB", "dC"], fla[2], ref[2]):
+            row[name] = rel(a, r)
+        row["fwd_ms"] = timeit(lambda: ssd_fla(x, dt, A, B, C, initial_state=S0))
+        row["fwd_bwd_ms"] = timeit(lambda: run(ssd_fla, x, dt, A, B, C, S0, gy, gS), reps=5)
+        rows.append(row)
+    os.environ.pop("MMMAMBA_SSD_BACKWARD", None)
+    return rows
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
+    ap.add_argument("--modes", default="native,bk128,torch")
+    ap.add_argument("--shapes", default="16x128,9x64", help="heads x head dim (HoVLE 16x128, SmolLM2 9x64)")
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json")
     args = ap.parse_args()
     assert fla_available(), "fla-core not importable on CUDA"
-    rows = []
-    for L in args.lengths:
-        rows.append(check_length(L))
-        print(json.dumps(rows[-1]), flush=True)
-        torch.cuda.empty_cache()
     import triton
 
-    bwd = "fla native" if fla_backward_ok() else "fla forward + recomputed torch-chunked backward (fla #640 guard)"
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
-    print(f"backward path: {bwd}")
-    print("| L | y | state | dx | ddt | dB | dC | fla fwd ms | torch fwd ms |")
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}  "
+          f"fla native backward allowed: {fla_backward_ok()}")
+    rows = []
+    for shape in args.shapes.split(","):
+        h, d = (int(v) for v in shape.split("x"))
+        for L in args.lengths:
+            rows += check(L, h, d, args.modes.split(","), b=args.batch)
+            torch.cuda.empty_cache()
+    keys = ("y", "state", "dx", "ddt", "dB", "dC")
+    print("| b | L | heads x d | backward | y | state | dx | ddt | dB | dC | fwd ms | fwd+bwd ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print("| {L} | {y:.2e} | {state:.2e} | {dx:.2e} | {ddt:.2e} | {dB:.2e} | {dC:.2e} | {fla_fwd_ms:.2f} | "
-              "{torch_fwd_ms:.2f} |".format(**r))
-    ok = all(max(r[k] for k in ("y", "state", "dx", "ddt", "dB", "dC")) <= 1e-2 for r in rows)
-    print("PASS" if ok else "FAIL", "(all relative errors <= 1e-2)")
+        if "error" in r:
+            print(f"| {r['b']} | {r['L']} | {r['h']}x{r['d']} | {r['mode']} | {r['error']} |")
+            continue
+        errs = " | ".join(f"{r[k]:.2e}" for k in keys)
+        print(f"| {r['b']} | {r['L']} | {r['h']}x{r['d']} | {r['mode']} | {errs} | {r['fwd_ms']:.2f} | "
+              f"{r['fwd_bwd_ms']:.2f} |")
+    ok = all(max(r[k] for k in keys) <= 1e-2 for r in rows if "error" not in r)
+    print("PASS" if ok else "FAIL", "(all relative errors <= 1e-2 where the mode ran)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 import torch
@@ -90,6 +91,27 @@ def flops_per_token(cfg, stage: int, seq: int, trainable: set[str]) -> dict:
     return {"forward": fwd, "backward": bwd}
 
 
+def profile_step(step, n_top: int) -> list[dict]:
+    """CUDA time per kernel name over one step, the n_top largest (printed too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    agg = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            c, t = agg.get(ev.name, (0, 0.0))
+            agg[ev.name] = (c + 1, t + ev.device_time_total)
+    total = sum(t for _, t in agg.values())
+    rows = sorted(({"kernel": k[:100], "calls": c, "ms": t / 1e3} for k, (c, t) in agg.items()),
+                  key=lambda r: -r["ms"])
+    print(f"  one step: {total / 1e3:.1f} ms of kernels, {sum(c for c, _ in agg.values())} launches")
+    for r in rows[:n_top]:
+        print(f"  {r['ms']:8.2f} ms  x{r['calls']:<5} {r['kernel']}")
+    return rows[:n_top]
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -129,6 +151,7 @@ def run_stage(stage, student, teacher, args, device):
     for _ in range(args.warmup):
         step()
     _sync(device)
+    top = profile_step(step, args.profile) if args.profile and cuda else []
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -145,6 +168,7 @@ def run_stage(stage, student, teacher, args, device):
         "peak_mem_gib": (torch.cuda.max_memory_allocated() if cuda else float("nan")) / 2**30,
         "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
         "layer_types": "".join("A" if t == ATTENTION else "M" for t in student.config.layer_types),
+        "ssd_backward": os.environ.get("MMMAMBA_SSD_BACKWARD", "auto"), "top_kernels": top,
     }
     return res
 
@@ -163,6 +187,7 @@ def main():
     ap.add_argument("--kl-chunk", type=int, default=1024)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", type=int, default=0, help="print the N kernels taking most time in one step")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only for a quick correctness dry run")
     args = ap.parse_args()
     device = torch.device(args.device)

@@ -13,9 +13,10 @@ state (b, h, n, p). Every implementation returns (y (b, l, h, p), final_state (b
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from . import ssd_fla as _fla
+from .ssd_fla import fla_available, fla_backward_ok  # noqa: F401  (re-exported)
 
 
 def _finish(y, x, D):
@@ -90,45 +91,15 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64
     return _finish(y, x.float(), D).to(x.dtype), S
 
 
-@functools.lru_cache(maxsize=1)
-def _fla_simple_gla():
-    try:
-        from fla.ops.simple_gla import chunk_simple_gla
-    except Exception:  # fla-core missing or its Triton build unusable here
-        return None
-    return chunk_simple_gla
-
-
-def fla_available() -> bool:
-    return torch.cuda.is_available() and _fla_simple_gla() is not None
-
-
-@functools.lru_cache(maxsize=1)
-def fla_backward_ok() -> bool:
-    """fla-core refuses its gated backward on Hopper with Triton in [3.4, 3.7.1) unless tilelang is installed
-    (fla issue #640: wrong results); mirror that check so training never hits the refusal."""
-    try:
-        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
-    except Exception:
-        return True
-    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
-        return True
-    try:
-        import tilelang  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 class _FlaForwardTorchBackward(torch.autograd.Function):
-    """fla-core forward; backward by recomputing the chunked torch algorithm (used where fla's own gated
-    backward is known to be wrong)."""
+    """fla-core forward; backward by recomputing the chunked torch algorithm."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, S0):
         ctx.save_for_backward(x, dt, A, B, C, S0)
         with torch.no_grad():
-            return _ssd_fla_raw(x, dt, A, B, C, S0)
+            return _fla.simple_gla()(*_fla.gla_inputs(x, dt, A, B, C), scale=1.0, initial_state=S0,
+                                     output_final_state=True)
 
     @staticmethod
     def backward(ctx, gy, gS):
@@ -145,36 +116,28 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
         return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
-def _ssd_fla_raw(x, dt, A, B, C, S0):
-    fn = _fla_simple_gla()
-    g = dt.float() * A.float()
-    v = (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
-    return fn(q=C.to(x.dtype), k=B.to(x.dtype), v=v, g=g, scale=1.0,
-              initial_state=None if S0 is None else S0.float(), output_final_state=True)
-
-
 def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
-    """fla-core `chunk_simple_gla` with q=C, k=B, v=dt*x, g=dt*A, scale=1 (CUDA only)."""
+    """fla-core `chunk_simple_gla` with q=C, k=B, v=dt*x, g=dt*A, scale=1 (CUDA only); the backward per
+    `ssd_fla.backward_mode`."""
+    S0 = None if initial_state is None else initial_state.float()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_state)
     )
-    if needs_grad and not fla_backward_ok():
-        y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, initial_state)
-        return _finish(y, x, D).to(x.dtype), S
-    fn = _fla_simple_gla()
-    g = dt.float() * A.float()
-    v = (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
-    y, S = fn(
-        q=C.to(x.dtype), k=B.to(x.dtype), v=v, g=g, scale=1.0,
-        initial_state=None if initial_state is None else initial_state.float(), output_final_state=True,
-    )
+    mode = _fla.backward_mode(B.shape[-1], x.shape[-1], x.device) if needs_grad else "native"
+    if mode == "torch":
+        y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, S0)
+    elif mode == "bk128":
+        y, S = _fla.SimpleGLABK128.apply(*_fla.gla_inputs(x, dt, A, B, C), S0)
+    else:
+        y, S = _fla.simple_gla()(*_fla.gla_inputs(x, dt, A, B, C), scale=1.0, initial_state=S0,
+                                 output_final_state=True)
     return _finish(y, x, D).to(x.dtype), S
 
 
 def ssd(x, dt, A, B, C, D=None, initial_state=None, backend: str = "auto", chunk_size: int = 64):
     """Dispatch: "fla" on CUDA when fla-core imports, else the chunked torch implementation."""
     if backend == "auto":
-        backend = "fla" if x.is_cuda and fla_available() else "torch"
+        backend = "fla" if x.is_cuda and _fla.fla_available() else "torch"
     if backend == "fla":
         return ssd_fla(x, dt, A, B, C, D, initial_state)
     if backend == "torch":

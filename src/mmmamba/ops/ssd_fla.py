@@ -1,0 +1,174 @@
+"""fla-core path of the SSD on CUDA. Mamba-2's recurrence is fla's simple GLA with q = C, k = B, v = dt * x,
+g = dt * A and scale 1.
+
+Backward, chosen once per (device, state sizes) by `backward_mode`:
+- "native": fla's own autograd;
+- "bk128": on Hopper with Triton in [3.4, 3.7.1) fla refuses its gated dq/dk/dg kernel (fla #640: Triton
+  miscompiles it with 64-wide K/V tiles; the issue's tile sweep found 32- and 128-wide tiles correct). There the same
+  fla kernels run, with that one kernel launched on 128-wide tiles, after a one-off check of its gradients against
+  the torch reference on random inputs;
+- "torch": fla's forward and a backward that recomputes the chunked torch algorithm (when the check fails).
+`MMMAMBA_SSD_BACKWARD=native|bk128|torch` forces a mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+BK128_TOLERANCE = 2e-2  # bf16 gradients vs the fp32 reference; the #640 miscompile gives errors of ~0.5
+
+
+@functools.lru_cache(maxsize=1)
+def simple_gla():
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception:  # fla-core missing or its Triton build unusable here
+        return None
+    return chunk_simple_gla
+
+
+def fla_available() -> bool:
+    return torch.cuda.is_available() and simple_gla() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def fla_backward_ok() -> bool:
+    """Mirror fla-core's refusal of its gated backward (Hopper, Triton in [3.4, 3.7.1), no tilelang)."""
+    try:
+        from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+    except Exception:
+        return True
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return True
+    try:
+        import tilelang  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _dqkwg_bk128(q, k, v, do, h, dh, g, scale: float, chunk_size: int):
+    """fla's `chunk_bwd_kernel_dqkwg` on 128-wide K and V tiles (masked where K or V < 128)."""
+    import triton
+    from fla.ops.common.chunk_o import chunk_bwd_kernel_dqkwg
+
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    BK = BV = 128
+    NK, NT = triton.cdiv(K, BK), triton.cdiv(T, chunk_size)
+    dq, dk = q.new_empty(B, T, HV, K), k.new_empty(B, T, HV, K)
+    dg = torch.empty(NK, *g.shape, dtype=torch.float32, device=g.device)
+    chunk_bwd_kernel_dqkwg[(NK * NT, B * HV)](
+        q=q, k=k, v=v, g=g, g_gamma=None, h=h, do=do, dh=dh, dq=dq, dk=dk, dw=None, dv=None, dg=dg,
+        cu_seqlens=None, chunk_indices=None, scale=scale, B=B, T=T, H=H, HV=HV, K=K, V=V,
+        BT=chunk_size, BK=BK, BV=BV, STATE_V_FIRST=False,
+    )
+    return dq, dk, dg.sum(0)
+
+
+def _backward_bk128(q, k, v, g, S0, do, dS, chunk_size: int = 64):
+    """fla's simple-GLA backward (fla/ops/simple_gla/chunk.py) with `_dqkwg_bk128` for the dq/dk/dg kernel."""
+    from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
+    from fla.ops.common.chunk_o import chunk_bwd_dv
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    gc = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2)  # fla's kernels work in base 2
+    h, _ = chunk_fwd_h(k=k, v=v, g=gc, h0=S0, output_final_state=False, chunk_size=chunk_size,
+                       states_in_fp32=True)
+    dh, dS0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=S0, dht=dS, scale=1.0, g=gc, chunk_size=chunk_size,
+                           states_in_fp32=True)
+    dq, dk, dg = _dqkwg_bk128(q, k, v, do, h, dh, gc, 1.0, chunk_size)
+    dv = chunk_bwd_dv(q=q, k=k, do=do, dh=dh, g=gc, scale=1.0, chunk_size=chunk_size)
+    dg = chunk_local_cumsum(dg, chunk_size=chunk_size, reverse=True)
+    return dq, dk, dv, dg, dS0
+
+
+class SimpleGLABK128(torch.autograd.Function):
+    """(q, k, v, g, S0) -> (o, final state) by fla's forward; backward by `_backward_bk128`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, S0):
+        q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+        S0 = None if S0 is None else S0.contiguous()
+        with torch.no_grad():
+            o, S = simple_gla()(q=q, k=k, v=v, g=g, scale=1.0, initial_state=S0, output_final_state=True)
+        ctx.save_for_backward(q, k, v, g, S0)
+        return o, S
+
+    @staticmethod
+    def backward(ctx, do, dS):
+        q, k, v, g, S0 = ctx.saved_tensors
+        with torch.cuda.device(q.device):
+            dq, dk, dv, dg, dS0 = _backward_bk128(q, k, v, g, S0, do.contiguous(), dS.contiguous())
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS0
+
+
+def gla_inputs(x, dt, A, B, C):
+    """The simple-GLA view of the SSD: q = C, k = B, v = dt * x, g = dt * A (fp32)."""
+    return C.to(x.dtype), B.to(x.dtype), (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype), dt.float() * A.float()
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[str, float]:
+    """Relative errors of the bk128 gradients (bf16 inputs) against the torch chunked reference in fp32."""
+    from .ssd import ssd_chunked
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2, T, heads, V, device=device, generator=gen).bfloat16()
+    dt = torch.nn.functional.softplus(torch.randn(2, T, heads, device=device, generator=gen) - 2)
+    A = -torch.exp(torch.rand(heads, device=device, generator=gen))
+    B, C = ((torch.randn(2, T, heads, K, device=device, generator=gen) / K**0.5).bfloat16() for _ in range(2))
+    S0 = torch.randn(2, heads, K, V, device=device, generator=gen) * 0.1
+    gy, gS = torch.randn(x.shape, device=device, generator=gen), torch.randn(S0.shape, device=device, generator=gen)
+
+    def grads(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        y, S = fn(*leaves)
+        ((y.float() * gy).sum() + (S.float() * gS).sum()).backward()
+        return [t.grad for t in leaves]
+
+    def fast(x, dt, B, C, S0):
+        return SimpleGLABK128.apply(*gla_inputs(x, dt, A, B, C), S0)
+
+    def ref(x, dt, B, C, S0):
+        return ssd_chunked(x.float(), dt, A, B.float(), C.float(), initial_state=S0)
+
+    got, want = grads(fast, x, dt, B, C, S0), grads(ref, x, dt, B, C, S0)
+    return {n: _rel(a, b) for n, a, b in zip(("dx", "ddt", "dB", "dC", "dS0"), got, want)}
+
+
+@functools.cache
+def _bk128_ok(K: int, V: int, device_index: int) -> bool:
+    try:  # full precision and autograd on, whatever context the first training step runs in
+        with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+            errs = bk128_errors(K, V, torch.device("cuda", device_index))
+    except Exception as e:  # fla internals changed or the kernel does not compile here
+        warnings.warn(f"mmmamba: fla 128-tile SSD backward unavailable ({type(e).__name__}: {e}); "
+                      "using the recomputed torch backward", stacklevel=2)
+        return False
+    if max(errs.values()) > BK128_TOLERANCE:
+        warnings.warn(f"mmmamba: fla 128-tile SSD backward failed its check ({errs}); using the recomputed "
+                      "torch backward", stacklevel=2)
+        return False
+    return True
+
+
+def backward_mode(K: int, V: int, device: torch.device) -> str:
+    """"native", "bk128" or "torch" for SSD gradients on this CUDA device (see the module docstring)."""
+    forced = os.environ.get("MMMAMBA_SSD_BACKWARD")
+    if forced:
+        if forced not in ("native", "bk128", "torch"):
+            raise ValueError(f"MMMAMBA_SSD_BACKWARD={forced!r}: use native, bk128 or torch")
+        return forced
+    if fla_backward_ok():
+        return "native"
+    return "bk128" if _bk128_ok(K, V, device.index if device.index is not None else torch.cuda.current_device()) \
+        else "torch"
