@@ -131,6 +131,10 @@ def run_stage(stage, student, teacher, args, device):
             enable_checkpointing(student)
         module = EndToEndDistill(student, teacher.to(device), chunk_size=args.kl_chunk)
     module.train()
+    if args.compile:  # the mixers' elementwise work fused by inductor (the SSD itself stays fla's)
+        for layer in student.model.layers:
+            if hasattr(layer.mixer, "in_proj"):
+                layer.mixer.heads = torch.compile(layer.mixer.heads, dynamic=False)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda)
     b = args.micro_batch if stage in (1, 2) else args.micro_batch3
@@ -168,7 +172,7 @@ def run_stage(stage, student, teacher, args, device):
         "peak_mem_gib": (torch.cuda.max_memory_allocated() if cuda else float("nan")) / 2**30,
         "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
         "layer_types": "".join("A" if t == ATTENTION else "M" for t in student.config.layer_types),
-        "ssd_backward": os.environ.get("MMMAMBA_SSD_BACKWARD", "auto"), "top_kernels": top,
+        "ssd_backward": os.environ.get("MMMAMBA_SSD_BACKWARD", "auto"), "compile": args.compile, "top_kernels": top,
     }
     return res
 
@@ -187,6 +191,7 @@ def main():
     ap.add_argument("--kl-chunk", type=int, default=1024)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each Mamba-2 mixer's forward")
     ap.add_argument("--profile", type=int, default=0, help="print the N kernels taking most time in one step")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only for a quick correctness dry run")
     args = ap.parse_args()

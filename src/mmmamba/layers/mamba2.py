@@ -96,16 +96,26 @@ class Mamba2Mixer(nn.Module):
         k = k.reshape(b, l, self.num_kv_heads, self.head_dim).repeat_interleave(rep, dim=2)
         return v, k, q.reshape(b, l, self.num_heads, self.head_dim)
 
+    def in_proj(self, u):
+        """xBC = [v | k | q] (the conv input), g = W_G u, W_gamma u. One matmul over the concatenated weights
+        (u read once, no concatenation of activations), or two when only one group trains (stage 1: g and
+        W_gamma), so that no weight gradient is computed for frozen rows."""
+        conv_mods, gate_mods = (self.v_proj, self.k_proj, self.q_proj), (self.g_proj, self.dt_proj)
+        sizes = [self.conv_dim, self.num_heads * self.head_dim, self.num_heads]
+        if _trains(conv_mods) == _trains(gate_mods):
+            return _linear_cat(u, conv_mods + gate_mods).split(sizes, dim=-1)
+        return (_linear_cat(u, conv_mods), *_linear_cat(u, gate_mods).split(sizes[1:], dim=-1))
+
     def heads(self, u, mask=None, state=None):
         """Per-head output before W_O: (b, l, h, d). mask (b, l): 0 marks (left) padding, whose inputs are
         zeroed before and after the conv so that padded rows equal unpadded ones. state: SSMState or None."""
         b, l, _ = u.shape
-        xBC = torch.cat([self.v_proj(u), self.k_proj(u), self.q_proj(u)], dim=-1)
+        xBC, g, dt = self.in_proj(u)
         m = None if mask is None else mask[..., None].to(xBC.dtype)
         if m is not None:
             xBC = xBC * m
         w, cb = self.conv1d.weight[:, 0], self.conv1d.bias
-        dt = F.softplus(self.dt_proj(u).float() + self.dt_bias.float())
+        dt = F.softplus(dt.float() + self.dt_bias.float())
         A = -torch.exp(self.A_log.float())
         if state is not None and state.ssm is not None and l == 1:
             xc, state.conv = causal_conv1d_step(xBC[:, 0], w, cb, state.conv)
@@ -125,8 +135,7 @@ class Mamba2Mixer(nn.Module):
             y, final = ssd(v, dt, A, k, q, initial_state=init, backend=self.ssd_backend, chunk_size=self.chunk_size)
             if state is not None:
                 state.conv, state.ssm = conv_state, final.float()
-        g = self.g_proj(u).view(b, l, self.num_heads, self.head_dim)
-        return self.g_norm(y, g)
+        return self.g_norm(y, g.reshape(b, l, self.num_heads, self.head_dim))
 
     def forward(self, u, mask=None, state=None):
         y = self.heads(u, mask, state)
@@ -145,6 +154,19 @@ class SSMState:
 
     def nbytes(self) -> int:
         return 0 if self.ssm is None else self.conv.nbytes + self.ssm.nbytes
+
+
+def _trains(mods) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for m in mods for p in m.parameters())
+
+
+def _linear_cat(u, mods):
+    """u @ [W_1; W_2; ...]^T (+ biases; a missing bias counts as zeros)."""
+    w = torch.cat([m.weight for m in mods])
+    bias = None
+    if any(m.bias is not None for m in mods):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
+    return F.linear(u, w, bias)
 
 
 def _default_reset(module: nn.Module, generator=None):

@@ -116,6 +116,7 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
         return tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
+@torch.compiler.disable  # fla's kernels and autograd Functions stay outside compiled graphs
 def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     """fla-core `chunk_simple_gla` with q=C, k=B, v=dt*x, g=dt*A, scale=1 (CUDA only); the backward per
     `ssd_fla.backward_mode`."""
