@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # keep Triton's autotuning results on disk beside its compiled kernels: fla-core autotunes each of its SSD
+    # kernels on first use (minutes for a training step's forward and backward), once per machine instead of per run
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     hang_s = os.environ.get("MMMAMBA_DUMP_STACKS_AFTER")
     if hang_s:  # diagnose a stuck (e.g. multi-process) run: print every thread's stack after that many seconds
         import faulthandler

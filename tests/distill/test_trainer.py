@@ -310,11 +310,6 @@ def _run_worker(args, out, teacher, timeout=240):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-# Opt-in: the 2-process run (torchrun, gloo) hung intermittently under pytest on the 2-core machine (once in
-# three full-suite runs, until the 600 s subprocess timeout), like a 2-GPU (NCCL) run of the same trainer; the
-# cause is not found yet. It passes when it does not hang. Run with MMMAMBA_TEST_MULTIPROC=1.
-@pytest.mark.skipif(not os.environ.get("MMMAMBA_TEST_MULTIPROC"),
-                    reason="intermittent 2-process hang under investigation; set MMMAMBA_TEST_MULTIPROC=1")
 def test_two_processes_match_one_process_with_accumulation(tmp_path):
     """Global batch 4 as 1 process x micro 2 x accumulation 2 and as 2 processes (torchrun, gloo) x micro 2 x
     accumulation 1, on a bucketed DataLoader with 7 micro-batches per epoch (odd, the last one partial), 8 steps

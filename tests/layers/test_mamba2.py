@@ -249,3 +249,26 @@ def test_gqa_9q_3kv_student_runs_and_decodes(make_config, randomize):
         rest = torch.cat([m(u[:, t : t + 1], state=st) for t in range(6, 13)], 1)
     assert full.shape == (3, 13, 72)
     torch.testing.assert_close(rest, full[:, 6:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_in_proj_matches_separate_projections_and_skips_frozen_weights(make_config, qkv_bias):
+    """The fused input matmul (one, or two when only W_G / W_gamma train) equals the five projections, with an
+    odd total width (8 + 8 + 40 + 40 + 5 = 101 rows, padded for alignment); frozen weights get no gradient."""
+    cfg = make_config(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, head_dim=8, qkv_bias=qkv_bias)
+    torch.manual_seed(0)
+    m = Mamba2Mixer(cfg, 0)
+    u = torch.randn(2, 7, 40)
+    for frozen in ((), ("q_proj", "k_proj", "v_proj")):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.split(".")[0] not in frozen)
+            p.grad = None
+        xBC, g, dt = m.in_proj(u)
+        want = (torch.cat([m.v_proj(u), m.k_proj(u), m.q_proj(u)], -1), m.g_proj(u), m.dt_proj(u))
+        for got, ref in zip((xBC, g, dt), want):
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+        (xBC.sum() + (g * g).sum() + dt.sum()).backward()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert (getattr(m, name).weight.grad is None) == (name in frozen)
+        torch.testing.assert_close(m.g_proj.weight.grad, 2 * (g.detach().reshape(-1, 40).T @ u.reshape(-1, 40)))
+        torch.testing.assert_close(m.dt_proj.weight.grad, torch.ones(14, 5).T @ u.reshape(-1, 40))

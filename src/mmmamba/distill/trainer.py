@@ -472,6 +472,9 @@ class StageRunner:
 
         path = self.out / "seed"
         m = read_manifest(path) if path.is_dir() else None
+        # every process has looked before the main one may write: all take the same branch below (a process that
+        # looked after the seed appeared would skip the barrier the others wait in, and the run would hang)
+        self.acc.wait_for_everyone()
         if m is not None:
             if m.get("init") != self.recipe.init or m.get("seed") != self.recipe.seed:
                 raise ChainError(f"{path} was seeded with init={m.get('init')!r}, seed={m.get('seed')!r}; this recipe "

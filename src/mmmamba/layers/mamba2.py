@@ -160,13 +160,20 @@ def _trains(mods) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for m in mods for p in m.parameters())
 
 
-def _linear_cat(u, mods):
-    """u @ [W_1; W_2; ...]^T (+ biases; a missing bias counts as zeros)."""
+def _linear_cat(u, mods, align: int = 16):
+    """u @ [W_1; W_2; ...]^T (+ biases; a missing bias counts as zeros). The stacked weight gets zero rows up to a
+    multiple of `align`, so that the output rows start 16-element aligned: with an odd width (e.g. 2313 for
+    SmolLM2) cuBLAS falls back to unaligned GEMM kernels and the slices are not vectorizable."""
     w = torch.cat([m.weight for m in mods])
     bias = None
     if any(m.bias is not None for m in mods):
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in mods])
-    return F.linear(u, w, bias)
+    n = w.shape[0]
+    pad = (-n) % align
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
+        bias = None if bias is None else torch.cat([bias, bias.new_zeros(pad)])
+    return F.linear(u, w, bias)[..., :n]
 
 
 def _default_reset(module: nn.Module, generator=None):

@@ -1,0 +1,66 @@
+"""Choice of the SSD backward on CUDA (ops/ssd_fla.py); the kernels themselves are checked on a GPU
+(scripts/gpu/check_ssd.py, docs/benchmarks/)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmmamba.ops import ssd_fla
+
+_CHECK = ssd_fla._bk128_ok  # the cached check (a test may replace the module attribute)
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv("MMMAMBA_SSD_BACKWARD", raising=False)
+    _CHECK.cache_clear()
+    yield
+    _CHECK.cache_clear()
+
+
+def test_native_where_fla_allows_it(monkeypatch):
+    monkeypatch.setattr(ssd_fla, "fla_backward_ok", lambda: True)
+    monkeypatch.setattr(ssd_fla, "_bk128_ok", lambda *a: pytest.fail("no check needed"))
+    assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0)) == "native"
+
+
+@pytest.mark.parametrize("errors,mode", [({"dx": 4e-3, "dB": 3e-3}, "bk128"), ({"dx": 4e-3, "dB": 0.55}, "torch")])
+def test_bk128_only_after_its_check_passes(monkeypatch, errors, mode):
+    calls = []
+    monkeypatch.setattr(ssd_fla, "fla_backward_ok", lambda: False)
+    monkeypatch.setattr(ssd_fla, "bk128_errors", lambda K, V, dev: calls.append((K, V, dev)) or errors)
+    with pytest.warns(UserWarning, match="failed its check") if mode == "torch" else _no_warning():
+        assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0)) == mode
+    assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0)) == mode
+    assert calls == [(64, 64, torch.device("cuda", 0))]  # checked once per (K, V, device)
+
+
+def test_bk128_unavailable_falls_back_to_torch(monkeypatch):
+    def broken(*a):
+        raise ImportError("fla internals moved")
+
+    monkeypatch.setattr(ssd_fla, "fla_backward_ok", lambda: False)
+    monkeypatch.setattr(ssd_fla, "bk128_errors", broken)
+    with pytest.warns(UserWarning, match="unavailable.*fla internals moved"):
+        assert ssd_fla.backward_mode(128, 128, torch.device("cuda", 0)) == "torch"
+
+
+def test_forced_mode_and_bad_value(monkeypatch):
+    monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "torch")
+    assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0)) == "torch"
+    monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="native, bk128 or torch"):
+        ssd_fla.backward_mode(64, 64, torch.device("cuda", 0))
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
