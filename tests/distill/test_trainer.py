@@ -298,7 +298,6 @@ def test_optimizer_groups_and_wsd_schedule(tiny_teacher):
 
 
 def _run_worker(args, out, teacher, timeout=240):
-    import os
     import subprocess
     from pathlib import Path
 
