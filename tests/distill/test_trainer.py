@@ -345,3 +345,11 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
                       (6, {"epoch": 1, "batch_in_epoch": 5, "global_batch": 12})):
         ck = resumed / "stage1-checkpoints" / f"step-{step:08d}" / "trainer" / "state.json"
         assert json.loads(ck.read_text())["data"] == pos
+
+
+def test_fsdp_without_gpus_is_refused_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o"), "distributed": "fsdp"})
+    with pytest.raises(ValueError, match="fsdp needs GPUs.*distributed: ddp"):
+        StageRunner(r, 3, data=_batches(2), **QUIET).run()

@@ -515,6 +515,9 @@ class StageRunner:
         precision = _precision(recipe)
         plugin = None
         if recipe.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if not torch.cuda.is_available():
+                raise ValueError("distributed: fsdp needs GPUs (accelerate's FSDP has no CPU backend); use "
+                                 "distributed: ddp for several CPU processes")
             if stage == 3:
                 plugin = _fsdp_plugin()
             else:  # the layer-wise walk reads sub-modules of each layer directly, which FSDP units do not allow
