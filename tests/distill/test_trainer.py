@@ -353,3 +353,22 @@ def test_fsdp_without_gpus_is_refused_clearly(tmp_path, monkeypatch):
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o"), "distributed": "fsdp"})
     with pytest.raises(ValueError, match="fsdp needs GPUs.*distributed: ddp"):
         StageRunner(r, 3, data=_batches(2), **QUIET).run()
+
+
+def test_ssd_backward_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
+    """On CUDA the runner picks the SSD backward (and runs its check) before DDP wraps the module, and says which."""
+    from conftest import tiny_config
+
+    from mmmamba.ops import ssd_fla
+
+    asked, said = [], []
+    monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
+    monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev: asked.append((K, V, dev)) or "bk128")
+    r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
+    runner = StageRunner(r, 1, progress=False, log=said.append)
+    student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
+    runner._log_ssd_backward(student, torch.device("cuda", 0))
+    d = student.config.head_dim
+    assert asked == [(d, d, torch.device("cuda", 0))] and "128-wide tiles" in said[0]
+    runner._log_ssd_backward(student, torch.device("cpu"))  # nothing to choose on the CPU
+    assert len(asked) == 1 and len(said) == 1

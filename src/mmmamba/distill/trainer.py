@@ -465,6 +465,20 @@ class StageRunner:
             expected = ["seed"] if self.stage == 1 else [str(self.stage - 1)]
         return path, expected
 
+    def _log_ssd_backward(self, student, device) -> None:
+        """On CUDA, pick (and for "bk128" check, once) the SSD backward here, before DDP wraps the module, and say
+        which one trains."""
+        if device.type != "cuda" or not student.config.mamba_layers:
+            return
+        from ..ops import ssd_fla
+
+        if not ssd_fla.fla_available():
+            self.log("SSD: chunked torch implementation (fla-core not importable)")
+            return
+        d = student.config.head_dim
+        mode = ssd_fla.backward_mode(d, d, device)
+        self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}")
+
     def _seed(self, teacher, tid, tokenizer) -> Path:
         """Stage 1 without an explicit student: seed one from the teacher (all layers Mamba-2, PAPER §4.5)."""
         from ..io import save_model
@@ -599,6 +613,7 @@ class StageRunner:
                                      positions=loss_cfg["positions"], ce_weight=loss_cfg["ce_weight"],
                                      chunk_size=loss_cfg["chunk_size"])
         module.train()
+        self._log_ssd_backward(student, acc.device)
         module = acc.prepare(module)
         optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda")
         optimizer = acc.prepare(optimizer)

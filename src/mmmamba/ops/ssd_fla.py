@@ -19,6 +19,11 @@ import warnings
 
 import torch
 
+MODE_NOTES = {
+    "native": "fla-core's own",
+    "bk128": "fla-core's kernels, dq/dk/dg on 128-wide tiles (fla #640 workaround, checked against torch)",
+    "torch": "recomputed with the chunked torch implementation",
+}
 BK128_TOLERANCE = 2e-2  # bf16 gradients vs the fp32 reference; the #640 miscompile gives errors of ~0.5
 
 
