@@ -4,7 +4,10 @@
 # Usage on a 2-GPU machine: OUT=dir TEACHER_SRC=.carry/smol bash scripts/gpu/ddp_agreement.sh
 set -eu
 cd "$(dirname "$0")/../.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# On a fresh machine the 1-GPU run starts with minutes of Triton autotuning / compiling of fla's SSD kernels (kept
+# on disk with TRITON_CACHE_AUTOTUNING=1); the 2-process run then reuses them. Allow ~8 minutes in all.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  TRITON_CACHE_AUTOTUNING=1
 W=/tmp/ddp; rm -rf $W; mkdir -p $W
 python scripts/gpu/make_random_teacher.py "${TEACHER_SRC:-.carry/smol}" $W/teacher
 recipe() {  # $1 = output dir

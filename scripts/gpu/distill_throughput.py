@@ -36,6 +36,8 @@ import time
 
 import torch
 
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # as the CLI: fla's autotuning kept on disk
+
 from mmmamba.distill.placement import parse_placement
 from mmmamba.distill.stages import (
     EndToEndDistill,
