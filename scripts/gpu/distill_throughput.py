@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import time
 
 import torch
@@ -93,7 +94,16 @@ def flops_per_token(cfg, stage: int, seq: int, trainable: set[str]) -> dict:
     return {"forward": fwd, "backward": bwd}
 
 
-def profile_step(step, n_top: int) -> list[dict]:
+KERNEL_CLASSES = [  # (class, regex on the CUDA kernel name), first match wins
+    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|wgmma_tensorop"),
+    ("attention (SDPA)", r"sdpa|flash|fmha"),
+    ("SSD (fla)", r"chunk_|cumsum|simple_gla"),
+    ("softmax / KL", r"softmax"),
+    ("elementwise / copy / reduce", r"elementwise|copy|reduce|fill|catarray|index|conv_depthwise|triton_"),
+]
+
+
+def profile_step(step, n_top: int) -> dict:
     """CUDA time per kernel name over one step, the n_top largest (printed too)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -109,9 +119,17 @@ def profile_step(step, n_top: int) -> list[dict]:
     rows = sorted(({"kernel": k[:100], "calls": c, "ms": t / 1e3} for k, (c, t) in agg.items()),
                   key=lambda r: -r["ms"])
     print(f"  one step: {total / 1e3:.1f} ms of kernels, {sum(c for c, _ in agg.values())} launches")
+    cats = {}
+    for name, (c, t) in agg.items():
+        cat = next((k for k, pat in KERNEL_CLASSES if re.search(pat, name, re.I)), "other")
+        n, ms = cats.get(cat, (0, 0.0))
+        cats[cat] = (n + c, ms + t / 1e3)
+    print("  by class: " + ", ".join(f"{k} {ms:.1f} ms ({100 * ms * 1e3 / total:.0f} %, {n} launches)"
+                                     for k, (n, ms) in sorted(cats.items(), key=lambda kv: -kv[1][1])))
     for r in rows[:n_top]:
         print(f"  {r['ms']:8.2f} ms  x{r['calls']:<5} {r['kernel']}")
-    return rows[:n_top]
+    return {"total_ms": total / 1e3, "classes": {k: {"launches": n, "ms": ms} for k, (n, ms) in cats.items()},
+            "top": rows[:n_top]}
 
 
 def _sync(device):
@@ -157,7 +175,7 @@ def run_stage(stage, student, teacher, args, device):
     for _ in range(args.warmup):
         step()
     _sync(device)
-    top = profile_step(step, args.profile) if args.profile and cuda else []
+    top = profile_step(step, args.profile) if args.profile and cuda else {}
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -174,7 +192,7 @@ def run_stage(stage, student, teacher, args, device):
         "peak_mem_gib": (torch.cuda.max_memory_allocated() if cuda else float("nan")) / 2**30,
         "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
         "layer_types": "".join("A" if t == ATTENTION else "M" for t in student.config.layer_types),
-        "ssd_backward": os.environ.get("MMMAMBA_SSD_BACKWARD", "auto"), "compile": args.compile, "top_kernels": top,
+        "ssd_backward": os.environ.get("MMMAMBA_SSD_BACKWARD", "auto"), "compile": args.compile, "profile": top,
     }
     return res
 
