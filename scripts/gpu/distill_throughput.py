@@ -47,6 +47,7 @@ from mmmamba.distill.stages import (
     enable_checkpointing,
     set_trainable,
 )
+from mmmamba.distill.trainer import compile_mixers
 from mmmamba.models import ATTENTION
 from mmmamba.seed import seed_student
 from mmmamba.teachers.hf import load_teacher
@@ -152,9 +153,7 @@ def run_stage(stage, student, teacher, args, device):
         module = EndToEndDistill(student, teacher.to(device), chunk_size=args.kl_chunk)
     module.train()
     if args.compile:  # the mixers' elementwise work fused by inductor (the SSD itself stays fla's)
-        for layer in student.model.layers:
-            if hasattr(layer.mixer, "in_proj"):
-                layer.mixer.heads = torch.compile(layer.mixer.heads, dynamic=False)
+        compile_mixers(student)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda)
     b = args.micro_batch if stage in (1, 2) else args.micro_batch3

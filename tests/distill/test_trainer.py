@@ -372,3 +372,31 @@ def test_ssd_backward_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     assert asked == [(d, d, torch.device("cuda", 0))] and "128-wide tiles" in said[0]
     runner._log_ssd_backward(student, torch.device("cpu"))  # nothing to choose on the CPU
     assert len(asked) == 1 and len(said) == 1
+
+
+def test_compile_mixers_option_compiles_each_mamba_mixer_once(tmp_path, monkeypatch):
+    """`compile_mixers: true` wraps every Mamba-2 mixer's per-head path with torch.compile (dynamic shapes) before
+    training; here torch.compile is replaced by a recorder (its numerics are torch's; measured on the GPU)."""
+    compiled = []
+
+    def fake_compile(fn, **kw):
+        compiled.append((fn.__self__.layer_idx, kw))
+
+        def wrapper(*a, **k):
+            return fn(*a, **k)
+
+        wrapper._torchdynamo_orig_callable = fn
+        return wrapper
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    _teacher(tmp_path / "t")
+    r = _recipe(tmp_path / "t", tmp_path / "o", steps=2, compile_mixers=True)
+    out = StageRunner(r, 1, data=_batches(2), **QUIET).run()
+    assert [i for i, _ in compiled] == [0, 1, 2, 3] and all(kw == {"dynamic": True} for _, kw in compiled)
+    assert (out / "model.safetensors").exists()
+    from mmmamba.distill.trainer import compile_mixers
+
+    model = MMMambaForCausalLM.from_pretrained(out)
+    assert compile_mixers(model) == 4 and compile_mixers(model) == 0  # never twice
+    with pytest.raises(Exception, match="compile_mixers"):
+        parse_recipe({"teacher": "t", "output_dir": "o", "defaults": {"compile_mixers": "sometimes"}})

@@ -613,6 +613,9 @@ class StageRunner:
                                      positions=loss_cfg["positions"], ce_weight=loss_cfg["ce_weight"],
                                      chunk_size=loss_cfg["chunk_size"])
         module.train()
+        if cfg.compile_mixers:
+            n = compile_mixers(student)
+            self.log(f"stage {stage}: torch.compile on {n} Mamba-2 mixers (first steps compile)")
         self._log_ssd_backward(student, acc.device)
         module = acc.prepare(module)
         optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda")
@@ -819,6 +822,19 @@ class StageRunner:
             if self.cfg.keep_checkpoints == 0:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         acc.wait_for_everyone()
+
+
+def compile_mixers(model) -> int:
+    """torch.compile the per-head path (`heads`) of every Mamba-2 mixer, with dynamic sequence lengths: inductor
+    fuses the projections' epilogues, conv, SiLU, softplus and gated norm; `ssd_fla` stays outside the graphs.
+    Returns how many mixers were compiled."""
+    n = 0
+    for layer in model.model.layers:
+        mixer = layer.mixer
+        if layer.layer_type == MAMBA2 and not hasattr(mixer.heads, "_torchdynamo_orig_callable"):
+            mixer.heads = torch.compile(mixer.heads, dynamic=True)
+            n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------- FSDP helpers
