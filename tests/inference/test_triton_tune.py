@@ -1,0 +1,49 @@
+"""The block-size tuner of the decode kernels (inference/triton_kernels.py `_tune`): fastest candidate kept, failing
+candidates skipped, result cached; timings come from `_kernel_ms` (faked here, measured on the GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import types
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+@pytest.fixture
+def tk(monkeypatch):
+    from mmmamba.inference import triton_kernels as tk
+
+    monkeypatch.setattr(tk, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("MMMAMBA_TRITON_TUNE", raising=False)
+    return tk
+
+
+def test_fastest_candidate_kept_failures_skipped_and_cached(tk, monkeypatch):
+    times = {(8, 512, 4): 0.020, (4, 1024, 4): 0.011, (16, 256, 4): 0.015}
+    launched, timed = [], []
+
+    def launch(cfg):
+        launched.append(cfg)
+        if cfg == (2, 2048, 4):
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(tk, "_kernel_ms", lambda fn: timed.append(fn.args[0]) or times[fn.args[0]])
+    x = types.SimpleNamespace(is_cuda=True)
+    key = ("test", 1)
+    best = tk._tune(key, [(8, 512, 4), (2, 2048, 4), (4, 1024, 4), (16, 256, 4)], launch, x)
+    assert best == (4, 1024, 4) and tk._TUNED[key] == best
+    assert (key, (2, 2048, 4)) in tk._FAILED and (2, 2048, 4) not in timed
+    tk._TUNED.pop(key)
+
+
+def test_no_tuning_when_disabled_or_off_gpu(tk, monkeypatch):
+    monkeypatch.setattr(tk, "_kernel_ms", lambda fn: pytest.fail("nothing should be timed"))
+    cands = [(8, 512, 4), (4, 1024, 4)]
+    assert tk._tune(("t", 2), cands, lambda c: None, types.SimpleNamespace(is_cuda=False)) == cands[0]
+    monkeypatch.setenv("MMMAMBA_TRITON_TUNE", "0")
+    assert tk._tune(("t", 3), cands, lambda c: None, types.SimpleNamespace(is_cuda=True)) == cands[0]
