@@ -307,8 +307,14 @@ class MambaSSMRunner:
         import mamba_ssm
 
         self.model = build_mamba_ssm(self.dims, self.device, self.dtype)
+        try:  # without it mamba_ssm falls back to torch ops for the conv (more kernels per decode step)
+            import causal_conv1d  # noqa: F401
+
+            conv = "causal_conv1d CUDA"
+        except Exception:
+            conv = "torch fallback, causal_conv1d not installed"
         return {"impl": self.impl, "variant": "linear", "params": param_count(self.model), "attention_layers": [],
-                "kernels": "mamba_ssm (Triton SSD + selective_state_update)", "cuda_graph": True,
+                "kernels": f"mamba_ssm (Triton SSD + selective_state_update; conv: {conv})", "cuda_graph": True,
                 "mamba_ssm": getattr(mamba_ssm, "__version__", "?")}
 
     def weight_bytes(self, batch: int) -> int:
