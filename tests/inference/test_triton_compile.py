@@ -62,14 +62,16 @@ def test_gemv_compiles_without_spills(tk, variant):
     sig.update(eps="fp32")
     if variant["EPI"] == 2:
         sig.update(out_ptr="*fp32", pv_ptr="*fp32", pi_ptr="*i64")
-    for use_dot, (bn, bk, nw), bb in ((False, tk._B1_CONFIGS[0], 1), (False, tk._B1_CONFIGS[-1], 1),
-                                      (True, tk._DOT_CONFIGS[0], 16)):
+    plain = [c for c in tk._B1_CONFIGS if not c[3]]
+    per_lane = [c for c in tk._B1_CONFIGS if c[3]]
+    for use_dot, (bn, bk, nw, acc2d), bb in ((False, plain[0], 1), (False, plain[-1], 1), (False, per_lane[0], 1),
+                                             (False, per_lane[-1], 1), (True, tk._DOT_CONFIGS[0], 16)):
         if variant["EPI"] == 2 and bn < tk.EPI2_MIN_BLOCK_N:
             continue
         k = _compile(tk._gemv_kernel, sig, dict(**variant, HAS_BIAS=True, KC=2, CSB=16, HD=128, BLOCK_B=bb, BLOCK_N=bn,
-                                                BLOCK_K=bk, USE_DOT=use_dot, DOT_PREC="tf32"), nw)
+                                                BLOCK_K=bk, USE_DOT=use_dot, DOT_PREC="tf32", ACC2D=bool(acc2d)), nw)
         spill = _local_bytes(k)
-        assert spill in (None, 0), f"{variant} {bn}x{bk}: {spill} bytes of local memory"
+        assert spill in (None, 0), f"{variant} {bn}x{bk} acc2d={acc2d}: {spill} bytes of local memory"
 
 
 def test_other_kernels_compile(tk):

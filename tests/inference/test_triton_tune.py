@@ -24,26 +24,38 @@ def tk(monkeypatch):
 
 
 def test_fastest_candidate_kept_failures_skipped_and_cached(tk, monkeypatch):
-    times = {(8, 512, 4): 0.020, (4, 1024, 4): 0.011, (16, 256, 4): 0.015}
+    times = {(8, 512, 4, 0): 0.020, (4, 1024, 4, 0): 0.011, (16, 256, 4, 0): 0.015}
     launched, timed = [], []
 
     def launch(cfg):
         launched.append(cfg)
-        if cfg == (2, 2048, 4):
+        if cfg == (2, 2048, 4, 0):
             raise RuntimeError("out of resources")
 
     monkeypatch.setattr(tk, "_kernel_ms", lambda fn: timed.append(fn.args[0]) or times[fn.args[0]])
     x = types.SimpleNamespace(is_cuda=True)
     key = ("test", 1)
-    best = tk._tune(key, [(8, 512, 4), (2, 2048, 4), (4, 1024, 4), (16, 256, 4)], launch, x)
-    assert best == (4, 1024, 4) and tk._TUNED[key] == best
-    assert (key, (2, 2048, 4)) in tk._FAILED and (2, 2048, 4) not in timed
+    best = tk._tune(key, [(8, 512, 4, 0), (2, 2048, 4, 0), (4, 1024, 4, 0), (16, 256, 4, 0)], launch, x)
+    assert best == (4, 1024, 4, 0) and tk._TUNED[key] == best
+    assert (key, (2, 2048, 4, 0)) in tk._FAILED and (2, 2048, 4, 0) not in timed
     tk._TUNED.pop(key)
 
 
 def test_no_tuning_when_disabled_or_off_gpu(tk, monkeypatch):
     monkeypatch.setattr(tk, "_kernel_ms", lambda fn: pytest.fail("nothing should be timed"))
-    cands = [(8, 512, 4), (4, 1024, 4)]
+    cands = [(8, 512, 4, 0), (4, 1024, 4, 0)]
     assert tk._tune(("t", 2), cands, lambda c: None, types.SimpleNamespace(is_cuda=False)) == cands[0]
     monkeypatch.setenv("MMMAMBA_TRITON_TUNE", "0")
     assert tk._tune(("t", 3), cands, lambda c: None, types.SimpleNamespace(is_cuda=True)) == cands[0]
+
+
+def test_forced_gemv_config(monkeypatch):
+    from mmmamba.inference import triton_kernels as tk
+
+    monkeypatch.setenv("MMMAMBA_GEMV_CONFIG", "8,256,4,1")
+    assert tk._forced_gemv_config() == (8, 256, 4, 1)
+    monkeypatch.setenv("MMMAMBA_GEMV_CONFIG", "8,256")
+    with pytest.raises(ValueError, match="four integers"):
+        tk._forced_gemv_config()
+    monkeypatch.delenv("MMMAMBA_GEMV_CONFIG")
+    assert tk._forced_gemv_config() is None

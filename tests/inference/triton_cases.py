@@ -54,6 +54,25 @@ def case_kernels():
         assert torch.equal(tok, (x @ w.T).argmax(-1)) and torch.equal(ids, tok)
         assert int(length) == 6 and torch.equal(pos, torch.arange(B) + 1)
 
+    # one row, K spanning 3 tiles of 32: the per-tile reduction and the per-lane accumulation (ACC2D) variants
+    K, N, hd = 96, 40, 16
+    x, w, nw = torch.randn(1, K), torch.randn(N, K), torch.rand(K) + 0.5
+    w2, b2 = torch.randn(2 * N, K), torch.randn(2 * N)
+    y, gg, gw = torch.randn(1, K), torch.randn(1, K), torch.rand(hd) + 0.5
+    for forced in ("8,32,4,0", "8,32,4,1"):
+        os.environ["MMMAMBA_GEMV_CONFIG"] = forced
+        out = torch.empty(1, N)
+        tk.gemv(x, w, out, pro=1, nw=nw, eps=1e-6)
+        close(out, F.linear(_rmsnorm(x, nw, 1e-6), w))
+        tk.gemv(x, w2, out, pro=1, nw=nw, eps=1e-6, dual=True, bias=b2)
+        g, u = F.linear(_rmsnorm(x, nw, 1e-6), w2, b2).chunk(2, -1)
+        close(out, F.silu(g) * u)
+        res = torch.randn(1, N)
+        r0 = res.clone()
+        tk.gemv(y, w, res, pro=2, nw=gw, eps=1e-5, g=gg, hd=hd, res=res, epi=1)
+        close(res, r0 + F.linear(_gated_rmsnorm(y.view(1, -1, hd), gg.view(1, -1, hd), gw, 1e-5).view(1, K), w))
+    del os.environ["MMMAMBA_GEMV_CONFIG"]
+
     # conv + SSM step vs the reference recurrence (GQA: 4 heads, 2 groups)
     B, h, kv, d, kc = 2, 4, 2, 16, 3
     C = 2 * kv * d + h * d

@@ -99,7 +99,7 @@ if triton is not None:
         PRO: tl.constexpr, EPI: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
         CONV_UPD: tl.constexpr, KC: tl.constexpr, CSB: tl.constexpr, HD: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+        USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, ACC2D: tl.constexpr,
     ):
         pid = tl.program_id(0)
         XDT = x_ptr.dtype.element_ty
@@ -118,6 +118,11 @@ if triton is not None:
             rs = tl.rsqrt(ss / K + eps)
         acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
         acc2 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        if ACC2D:  # one row (BLOCK_B = 1): products summed per lane over the K loop, in W's own layout (no
+            # shared-memory transposition of the W tile), reduced across lanes once after the loop
+            acc3 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            if DUAL:
+                acc4 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             km = rk < K
@@ -139,14 +144,22 @@ if triton is not None:
             w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
             if USE_DOT:
                 acc += tl.dot(xv.to(w.dtype), tl.trans(w), input_precision=DOT_PREC)
+            elif ACC2D:
+                acc3 += w.to(tl.float32) * tl.sum(xv, axis=0)[None, :]
             else:
                 acc += tl.sum(xv[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             if DUAL:
                 w2 = tl.load(w_ptr + w2_off + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
                 if USE_DOT:
                     acc2 += tl.dot(xv.to(w2.dtype), tl.trans(w2), input_precision=DOT_PREC)
+                elif ACC2D:
+                    acc4 += w2.to(tl.float32) * tl.sum(xv, axis=0)[None, :]
                 else:
                     acc2 += tl.sum(xv[:, None, :] * w2.to(tl.float32)[None, :, :], axis=2)
+        if ACC2D:
+            acc += tl.sum(acc3, axis=1)[None, :]
+            if DUAL:
+                acc2 += tl.sum(acc4, axis=1)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
             if DUAL:
@@ -437,11 +450,14 @@ if triton is not None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
-_B1_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps) for one row: wide K tiles, all loads of a tile in flight
-    (8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8), (4, 2048, 8), (32, 256, 8), (2, 2048, 4),
-    (1, 2048, 4),
+_B1_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, ACC2D) for one row: wide K tiles, all loads of a tile in flight
+    (8, 512, 4, 0), (4, 1024, 4, 0), (16, 256, 4, 0), (8, 1024, 8, 0), (16, 512, 8, 0), (4, 2048, 8, 0),
+    (32, 256, 8, 0), (2, 2048, 4, 0), (1, 2048, 4, 0),
+    # per-lane accumulation over the K loop (no cross-lane reduction per tile): matters when K spans several tiles
+    (8, 256, 4, 1), (16, 256, 8, 1), (4, 512, 4, 1), (8, 512, 8, 1), (4, 1024, 4, 1), (8, 1024, 8, 1),
+    (16, 512, 8, 1),
 ]
-_DOT_CONFIGS = [(32, 128, 4), (16, 256, 4)]
+_DOT_CONFIGS = [(32, 128, 4, 0), (16, 256, 4, 0)]
 _TUNED: dict = {}
 _FAILED: set = set()
 
@@ -462,13 +478,13 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     block_b = max(16, _pow2(B)) if use_dot else 1
     cands = _DOT_CONFIGS if use_dot else _B1_CONFIGS
     if pro == 2:
-        cands = [c for c in cands if c[1] % hd == 0] or [(c[0], max(hd, c[1]), c[2]) for c in cands]
+        cands = [c for c in cands if c[1] % hd == 0] or [(c[0], max(hd, c[1]), *c[2:]) for c in cands]
     if epi == 2:
         cands = [c for c in cands if c[0] >= EPI2_MIN_BLOCK_N]
     key = (pro, epi, dual, bias is not None, conv is not None, N, K, block_b, x.dtype, w.dtype, out.dtype)
 
     def launch(cfg, out, res, parts, conv):
-        bn, bk, nwarps = cfg
+        bn, bk, nwarps, acc2d = cfg
         grid = triton.cdiv(N, bn)
         csb, cs = 1, None
         if conv is not None:
@@ -490,11 +506,11 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
             PRO=pro, EPI=epi, DUAL=dual, HAS_BIAS=bias is not None, CONV_UPD=conv is not None,
             KC=cs.shape[2] + 1 if cs is not None else 2, CSB=csb, HD=max(hd, 1),
             BLOCK_B=block_b, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, DOT_PREC=_dot_prec(x.dtype),
-            num_warps=nwarps,
+            ACC2D=bool(acc2d) and not use_dot, num_warps=nwarps,
         )
         return grid
 
-    cfg = _TUNED.get(key)
+    cfg = _forced_gemv_config() or _TUNED.get(key)
     if cfg is None:
         # tune on scratch copies of everything the kernel writes, so tuning has no side effect
         out_s = out.clone()
@@ -506,12 +522,26 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     return launch(cfg, out, res, parts, conv)
 
 
+def _forced_gemv_config() -> tuple | None:
+    """MMMAMBA_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,ACC2D" pins the gemv configuration (tests, experiments)."""
+    v = os.environ.get("MMMAMBA_GEMV_CONFIG")
+    if not v:
+        return None
+    try:
+        cfg = tuple(int(t) for t in v.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) != 4:
+        raise ValueError(f"MMMAMBA_GEMV_CONFIG={v!r}: expected four integers BLOCK_N,BLOCK_K,num_warps,ACC2D")
+    return cfg
+
+
 def _tune(key, cands, launch, x):
     """Time each candidate (compile errors skip it) and keep the fastest. Only on CUDA and outside graph capture
     (`launch` writes scratch buffers)."""
     if interpreting():  # few, large programs: the interpreter runs programs one after another
-        if len(cands[0]) == 3:
-            return (max(c[0] for c in cands), max(c[1] for c in cands if c[1] <= 256), 4)
+        if len(cands[0]) == 4:  # gemv
+            return (max(c[0] for c in cands), max(c[1] for c in cands if c[1] <= 256), 4, 0)
         return cands[0]
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or os.environ.get("MMMAMBA_TRITON_TUNE") == "0":
         return cands[0]
