@@ -1,0 +1,101 @@
+"""Bandwidth of the decode step's matrix-vector kernel (`inference.triton_kernels.gemv`, one row) for every block
+configuration the tuner may pick, at HoVLE-2.6B shapes, next to cuBLAS (`F.linear`) and the copy bandwidth.
+
+    PYTHONPATH=src python scripts/gpu/bench_gemv.py [--json F]
+
+Each time is `triton.testing.do_bench`'s median with the L2 cleared before every repetition (as in a decode step,
+where each weight comes from HBM once). GB/s counts the weight bytes only (x, bias and outputs are tiny).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from mmmamba.bench.measure import copy_bandwidth
+from mmmamba.inference import triton_kernels as tk
+
+H, I, V, HEADS, KV, D = 2048, 8192, 92553, 16, 8, 128
+SHAPES = {  # name: (rows, K, gemv kwargs builder)
+    "in_proj (mamba2, RMSNorm prologue)": (2 * KV * D + HEADS * D + HEADS * D + HEADS, H, "pro1"),
+    "o_proj (gated-norm prologue, residual)": (H, HEADS * D, "pro2"),
+    "gate|up (dual, SiLU*up)": (2 * I, H, "dual"),
+    "down (residual)": (H, I, "res"),
+    "lm_head (argmax partials)": (V, H, "argmax"),
+}
+
+
+def run_gemv(kind, x, w, out, aux):
+    if kind == "pro1":
+        return tk.gemv(x, w, out, pro=1, nw=aux["nw"], eps=1e-5)
+    if kind == "pro2":
+        return tk.gemv(x, w, out, pro=2, nw=aux["gw"], eps=1e-5, g=aux["g"], hd=D, res=out, epi=1)
+    if kind == "dual":
+        return tk.gemv(x, w, out, pro=1, nw=aux["nw"], eps=1e-5, dual=True)
+    if kind == "res":
+        return tk.gemv(x, w, out, res=out, epi=1)
+    return tk.gemv(x, w, out, epi=2, parts=aux["parts"])
+
+
+def allowed(kind, cfg) -> bool:
+    bn, bk = cfg[0], cfg[1]
+    return not ((kind == "pro2" and bk % D) or (kind == "argmax" and bn < tk.EPI2_MIN_BLOCK_N))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    bw = copy_bandwidth(dev)
+    res = {"device": torch.cuda.get_device_name(), "copy_GBs": bw / 1e9, "shapes": {}}
+    print(f"{res['device']}  copy bandwidth {bw / 1e9:,.0f} GB/s")
+    for name, (n, k, kind) in SHAPES.items():
+        rows = 2 * n if kind == "dual" else n
+        w = torch.randn(rows, k, device=dev, dtype=dt) * 0.02
+        x = torch.randn(1, k, device=dev, dtype=dt)
+        out = torch.zeros(1, n, device=dev, dtype=torch.float32 if kind == "argmax" else dt)
+        aux = {"nw": torch.rand(k, device=dev, dtype=dt) + 0.5, "gw": torch.rand(D, device=dev, dtype=dt) + 0.5,
+               "g": torch.randn(1, k, device=dev, dtype=dt),
+               "parts": (torch.empty(1, tk.max_parts(n), device=dev), torch.empty(1, tk.max_parts(n), device=dev,
+                                                                                  dtype=torch.long))}
+        nbytes = w.numel() * w.element_size()
+        rows_out = []
+        for cfg in tk._B1_CONFIGS:
+            if not allowed(kind, cfg):
+                continue
+            os.environ["MMMAMBA_GEMV_CONFIG"] = ",".join(map(str, cfg))
+            call = functools.partial(run_gemv, kind, x, w, out, aux)
+            try:
+                call()
+                ms = triton.testing.do_bench(call, warmup=5, rep=25, return_mode="median")
+            except Exception as e:  # resources of this config on this device
+                rows_out.append({"cfg": cfg, "error": f"{type(e).__name__}"})
+                continue
+            rows_out.append({"cfg": cfg, "us": ms * 1e3, "GBs": nbytes / ms / 1e6})
+        os.environ.pop("MMMAMBA_GEMV_CONFIG", None)
+        cub = triton.testing.do_bench(functools.partial(F.linear, x, w), warmup=5, rep=25, return_mode="median")
+        ok = [r for r in rows_out if "us" in r]
+        best = min(ok, key=lambda r: r["us"])
+        floor_us = nbytes / bw * 1e6
+        print(f"\n{name}: {rows} x {k} ({nbytes / 1e6:.1f} MB), floor {floor_us:.1f} us, "
+              f"cuBLAS {cub * 1e3:.1f} us ({nbytes / cub / 1e6:,.0f} GB/s)")
+        for r in sorted(ok, key=lambda r: r["us"]):
+            mark = " <- best" if r is best else ""
+            print(f"  {str(r['cfg']):>20} {r['us']:8.1f} us {r['GBs']:8,.0f} GB/s "
+                  f"{100 * r['GBs'] * 1e9 / bw:5.1f} % of copy{mark}")
+        res["shapes"][name] = {"rows": rows, "K": k, "bytes": nbytes, "floor_us": floor_us,
+                               "cublas_us": cub * 1e3, "configs": rows_out}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
