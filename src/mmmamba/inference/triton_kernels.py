@@ -108,14 +108,14 @@ if triton is not None:
         bm = rb < B
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = rn < N
-        if PRO == 1:  # RMSNorm of each row: needs the row's mean square first
-            ss = tl.zeros((BLOCK_B,), tl.float32)
+        if PRO == 1:  # RMSNorm of each row: needs the row's mean square first (summed per lane, reduced once)
+            ss = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 xv = tl.load(x_ptr + rb[:, None] * stride_xb + rk[None, :],
                              mask=bm[:, None] & (rk < K)[None, :], other=0.0).to(tl.float32)
-                ss += tl.sum(xv * xv, axis=1)
-            rs = tl.rsqrt(ss / K + eps)
+                ss += xv * xv
+            rs = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
         acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
         acc2 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
         if ACC2D:  # one row (BLOCK_B = 1): products summed per lane over the K loop, in W's own layout (no
