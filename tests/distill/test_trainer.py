@@ -363,13 +363,13 @@ def test_ssd_backward_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
 
     asked, said = [], []
     monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
-    monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev: asked.append((K, V, dev)) or "bk128")
+    monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev, h: asked.append((K, V, dev, h)) or "bk128")
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
     runner = StageRunner(r, 1, progress=False, log=said.append)
     student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
     runner._log_ssd_backward(student, torch.device("cuda", 0))
-    d = student.config.head_dim
-    assert asked == [(d, d, torch.device("cuda", 0))] and "128-wide tiles" in said[0]
+    d, h = student.config.head_dim, student.config.num_attention_heads
+    assert asked == [(d, d, torch.device("cuda", 0), h)] and "128-wide tiles" in said[0]
     runner._log_ssd_backward(student, torch.device("cpu"))  # nothing to choose on the CPU
     assert len(asked) == 1 and len(said) == 1
 

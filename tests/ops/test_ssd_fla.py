@@ -29,15 +29,15 @@ def test_native_where_fla_allows_it(monkeypatch):
 def test_bk128_only_after_its_check_passes(monkeypatch, errors, mode):
     calls = []
     monkeypatch.setattr(ssd_fla, "fla_backward_ok", lambda: False)
-    monkeypatch.setattr(ssd_fla, "bk128_errors", lambda K, V, dev: calls.append((K, V, dev)) or errors)
+    monkeypatch.setattr(ssd_fla, "bk128_errors", lambda K, V, dev, heads: calls.append((K, V, dev, heads)) or errors)
     with pytest.warns(UserWarning, match="failed its check") if mode == "torch" else _no_warning():
-        assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0)) == mode
-    assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0)) == mode
-    assert calls == [(64, 64, torch.device("cuda", 0))]  # checked once per (K, V, device)
+        assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0), 9) == mode
+    assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0), 9) == mode
+    assert calls == [(64, 64, torch.device("cuda", 0), 9)]  # checked once per (K, V, device, heads)
 
 
 def test_bk128_unavailable_falls_back_to_torch(monkeypatch):
-    def broken(*a):
+    def broken(*a, **k):
         raise ImportError("fla internals moved")
 
     monkeypatch.setattr(ssd_fla, "fla_backward_ok", lambda: False)

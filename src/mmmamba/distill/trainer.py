@@ -475,8 +475,8 @@ class StageRunner:
         if not ssd_fla.fla_available():
             self.log("SSD: chunked torch implementation (fla-core not importable)")
             return
-        d = student.config.head_dim
-        mode = ssd_fla.backward_mode(d, d, device)
+        cfg = student.config
+        mode = ssd_fla.backward_mode(cfg.head_dim, cfg.head_dim, device, cfg.num_attention_heads)
         self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}")
 
     def _seed(self, teacher, tid, tokenizer) -> Path:

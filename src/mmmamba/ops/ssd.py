@@ -124,7 +124,7 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_state)
     )
-    mode = _fla.backward_mode(B.shape[-1], x.shape[-1], x.device) if needs_grad else "native"
+    mode = _fla.backward_mode(B.shape[-1], x.shape[-1], x.device, x.shape[2]) if needs_grad else "native"
     if mode == "torch":
         y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, S0)
     elif mode == "bk128":

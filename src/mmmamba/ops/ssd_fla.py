@@ -151,10 +151,10 @@ def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[s
 
 
 @functools.cache
-def _bk128_ok(K: int, V: int, device_index: int) -> bool:
+def _bk128_ok(K: int, V: int, device_index: int, heads: int = 2) -> bool:
     try:  # full precision and autograd on, whatever context the first training step runs in
         with torch.enable_grad(), torch.autocast("cuda", enabled=False):
-            errs = bk128_errors(K, V, torch.device("cuda", device_index))
+            errs = bk128_errors(K, V, torch.device("cuda", device_index), heads=heads)
     except Exception as e:  # fla internals changed or the kernel does not compile here
         warnings.warn(f"mmmamba: fla 128-tile SSD backward unavailable ({type(e).__name__}: {e}); "
                       "using the recomputed torch backward", stacklevel=2)
@@ -166,8 +166,9 @@ def _bk128_ok(K: int, V: int, device_index: int) -> bool:
     return True
 
 
-def backward_mode(K: int, V: int, device: torch.device) -> str:
-    """"native", "bk128" or "torch" for SSD gradients on this CUDA device (see the module docstring)."""
+def backward_mode(K: int, V: int, device: torch.device, heads: int = 2) -> str:
+    """"native", "bk128" or "torch" for SSD gradients on this CUDA device (see the module docstring). `heads`: the
+    model's head count, so that the check compiles and autotunes the kernels for the shapes training uses."""
     forced = os.environ.get("MMMAMBA_SSD_BACKWARD")
     if forced:
         if forced not in ("native", "bk128", "torch"):
@@ -175,5 +176,5 @@ def backward_mode(K: int, V: int, device: torch.device) -> str:
         return forced
     if fla_backward_ok():
         return "native"
-    return "bk128" if _bk128_ok(K, V, device.index if device.index is not None else torch.cuda.current_device()) \
-        else "torch"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "bk128" if _bk128_ok(K, V, index, heads) else "torch"
