@@ -64,3 +64,25 @@ class _no_warning:
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
+
+
+def test_bk128_errors_plumbing_with_a_torch_gla(monkeypatch):
+    """bk128_errors compares gradients of the simple-GLA view (q=C, k=B, v=dt*x, g=dt*A) with the SSD reference,
+    with and without an initial state; here the fla Function is replaced by a sequential torch GLA, so every error
+    is at bf16 rounding."""
+
+    class TorchGLA:
+        @staticmethod
+        def apply(q, k, v, g, S0):
+            b, t, h, n = q.shape
+            S = q.new_zeros(b, h, n, v.shape[-1], dtype=torch.float32) if S0 is None else S0.float()
+            out = []
+            for i in range(t):
+                S = torch.exp(g[:, i])[..., None, None] * S + k[:, i].float()[..., None] * v[:, i].float()[..., None, :]
+                out.append(torch.einsum("bhn,bhnp->bhp", q[:, i].float(), S))
+            return torch.stack(out, 1).to(v.dtype), S
+
+    monkeypatch.setattr(ssd_fla, "SimpleGLABK128", TorchGLA)
+    errs = ssd_fla.bk128_errors(8, 8, torch.device("cpu"), T=70, heads=2)
+    assert set(errs) == {"dx", "ddt", "dB", "dC", "dx|S0", "ddt|S0", "dB|S0", "dC|S0", "dS0"}
+    assert max(errs.values()) < 1e-2, errs
