@@ -456,6 +456,8 @@ _B1_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, ACC2D) for one row: wide K tile
     # per-lane accumulation over the K loop (no cross-lane reduction per tile): matters when K spans several tiles
     (8, 256, 4, 1), (16, 256, 8, 1), (4, 512, 4, 1), (8, 512, 8, 1), (4, 1024, 4, 1), (8, 1024, 8, 1),
     (16, 512, 8, 1),
+    # long K (the MLP's down projection, K = 8192): whole rows per program, few or no loop iterations
+    (1, 4096, 8, 0), (2, 4096, 8, 1),
 ]
 _DOT_CONFIGS = [(32, 128, 4, 0), (16, 256, 4, 0)]
 _TUNED: dict = {}
@@ -477,6 +479,8 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     use_dot = B > 1  # several rows: tensor-core tiles, rows padded to 16 (one compiled kernel for 2..16 rows)
     block_b = max(16, _pow2(B)) if use_dot else 1
     cands = _DOT_CONFIGS if use_dot else _B1_CONFIGS
+    narrow = min(c[1] for c in cands)  # no K tile wider than K itself (K below every tile: the narrowest)
+    cands = [c for c in cands if c[1] <= max(narrow, _pow2(K))]
     if pro == 2:
         cands = [c for c in cands if c[1] % hd == 0] or [(c[0], max(hd, c[1]), *c[2:]) for c in cands]
     if epi == 2:
