@@ -22,11 +22,11 @@ from mmmamba.bench.measure import copy_bandwidth
 from mmmamba.inference import triton_kernels as tk
 
 H, I, V, HEADS, KV, D = 2048, 8192, 92553, 16, 8, 128
-SHAPES = {  # name: (rows, K, gemv kwargs builder)
+SHAPES = {  # name: (rows, K, gemv kwargs builder), the largest share of a decode step first
+    "gate|up (dual, SiLU*up)": (I, H, "dual"),
+    "down (residual)": (H, I, "res"),
     "in_proj (mamba2, RMSNorm prologue)": (2 * KV * D + HEADS * D + HEADS * D + HEADS, H, "pro1"),
     "o_proj (gated-norm prologue, residual)": (H, HEADS * D, "pro2"),
-    "gate|up (dual, SiLU*up)": (2 * I, H, "dual"),
-    "down (residual)": (H, I, "res"),
     "lm_head (argmax partials)": (V, H, "argmax"),
 }
 
