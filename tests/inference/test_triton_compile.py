@@ -64,34 +64,46 @@ def test_gemv_compiles_without_spills(tk, variant):
         sig.update(out_ptr="*fp32", pv_ptr="*fp32", pi_ptr="*i64")
     plain = [c for c in tk._B1_CONFIGS if not c[3]]
     per_lane = [c for c in tk._B1_CONFIGS if c[3]]
-    for use_dot, (bn, bk, nw, acc2d), bb in ((False, plain[0], 1), (False, plain[-1], 1), (False, per_lane[0], 1),
-                                             (False, per_lane[-1], 1), (True, tk._DOT_CONFIGS[0], 16)):
+    for use_dot, (bn, bk, nw, acc2d), bb, gdc in (
+        (False, plain[0], 1, False), (False, plain[-1], 1, False), (False, per_lane[0], 1, True),
+        (False, per_lane[-1], 1, False), (True, tk._DOT_CONFIGS[0], 16, False),
+    ):
         if variant["EPI"] == 2 and bn < tk.EPI2_MIN_BLOCK_N:
             continue
-        k = _compile(tk._gemv_kernel, sig, dict(**variant, HAS_BIAS=True, KC=2, CSB=16, HD=128, BLOCK_B=bb, BLOCK_N=bn,
-                                                BLOCK_K=bk, USE_DOT=use_dot, DOT_PREC="tf32", ACC2D=bool(acc2d)), nw)
+        const = dict(**variant, HAS_BIAS=True, KC=2, CSB=16, HD=128, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk,
+                     USE_DOT=use_dot, DOT_PREC="tf32", ACC2D=bool(acc2d), GDC=gdc)
+        k = _compile(tk._gemv_kernel, sig, const, nw)
         spill = _local_bytes(k)
         assert spill in (None, 0), f"{variant} {bn}x{bk} acc2d={acc2d}: {spill} bytes of local memory"
+        assert ("griddepcontrol.wait" in k.asm["ptx"]) == gdc  # programmatic dependent launch only when asked
 
 
 def test_other_kernels_compile(tk):
     dt = "bf16"
-    _compile(tk._ssm_step_kernel, {"z_ptr": f"*{dt}", "conv_ptr": f"*{dt}", "cw_ptr": f"*{dt}", "cb_ptr": f"*{dt}",
-                                   "dtb_ptr": "*fp32", "na_ptr": "*fp32", "s_ptr": "*fp32", "y_ptr": f"*{dt}"},
-             dict(N=128, P=128, BLOCK_P=16, KC=2, HAS_CB=True))
-    _compile(tk._rope_append_kernel, {"qkv_ptr": f"*{dt}", "pos_ptr": "*i64", "len_ptr": "*i64", "inv_ptr": "*fp32",
-                                      "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "kvalid_ptr": "*u8"},
-             dict(D=128), 1)
-    bt, nw = tk._ATTN_CONFIGS[0]
-    k = _compile(tk._attn_split_kernel, {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "len_ptr": "*i64",
-                                         "kstart_ptr": "*i32", "po_ptr": "*fp32", "pm_ptr": "*fp32",
-                                         "pl_ptr": "*fp32", "scale": "fp32"},
-                 dict(D=128, REPP=16, BT=bt, DOT_PREC="tf32"), nw)
-    assert _local_bytes(k) in (None, 0)
-    _compile(tk._attn_reduce_kernel, {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "o_ptr": f"*{dt}"},
-             dict(D=128, BS=128, SB=16))
-    _compile(tk._finish_kernel, {"pv_ptr": "*fp32", "pi_ptr": "*i64", "tok_ptr": "*i64", "ids_ptr": "*i64",
-                                 "len_ptr": "*i64", "pos_ptr": "*i64"}, dict(BP=1024))
+    for gdc in (False, True):  # the decode-step kernels with and without programmatic dependent launch
+        decode = [
+            _compile(tk._ssm_step_kernel, {"z_ptr": f"*{dt}", "conv_ptr": f"*{dt}", "cw_ptr": f"*{dt}",
+                                           "cb_ptr": f"*{dt}", "dtb_ptr": "*fp32", "na_ptr": "*fp32", "s_ptr": "*fp32",
+                                           "y_ptr": f"*{dt}"},
+                     dict(N=128, P=128, BLOCK_P=16, KC=2, HAS_CB=True, GDC=gdc)),
+            _compile(tk._rope_append_kernel, {"qkv_ptr": f"*{dt}", "pos_ptr": "*i64", "len_ptr": "*i64",
+                                              "inv_ptr": "*fp32", "q_ptr": f"*{dt}", "k_ptr": f"*{dt}",
+                                              "v_ptr": f"*{dt}", "kvalid_ptr": "*u8"}, dict(D=128, GDC=gdc), 1),
+        ]
+        bt, nw = tk._ATTN_CONFIGS[0]
+        k = _compile(tk._attn_split_kernel, {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}",
+                                             "len_ptr": "*i64", "kstart_ptr": "*i32", "po_ptr": "*fp32",
+                                             "pm_ptr": "*fp32", "pl_ptr": "*fp32", "scale": "fp32"},
+                     dict(D=128, REPP=16, BT=bt, DOT_PREC="tf32", GDC=gdc), nw)
+        assert _local_bytes(k) in (None, 0)
+        decode += [
+            k,
+            _compile(tk._attn_reduce_kernel, {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
+                                              "o_ptr": f"*{dt}"}, dict(D=128, BS=128, SB=16, GDC=gdc)),
+            _compile(tk._finish_kernel, {"pv_ptr": "*fp32", "pi_ptr": "*i64", "tok_ptr": "*i64", "ids_ptr": "*i64",
+                                         "len_ptr": "*i64", "pos_ptr": "*i64"}, dict(BP=1024, GDC=gdc)),
+        ]
+        assert all(("griddepcontrol.wait" in d.asm["ptx"]) == gdc for d in decode)
     _compile(tk._add_rmsnorm_kernel, {n: f"*{dt}" for n in ("x_ptr", "d_ptr", "h_ptr", "w_ptr", "y_ptr")} |
              {"eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=2048))
     _compile(tk._gated_norm_kernel, {n: f"*{dt}" for n in ("y_ptr", "g_ptr", "w_ptr", "o_ptr")} | {"eps": "fp32"},

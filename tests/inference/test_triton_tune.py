@@ -59,3 +59,18 @@ def test_forced_gemv_config(monkeypatch):
         tk._forced_gemv_config()
     monkeypatch.delenv("MMMAMBA_GEMV_CONFIG")
     assert tk._forced_gemv_config() is None
+
+
+def test_programmatic_dependent_launch_is_opt_in(monkeypatch):
+    from mmmamba.inference import triton_kernels as tk
+
+    cuda_like = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
+    monkeypatch.setattr(tk, "interpreting", lambda: False)
+    monkeypatch.setattr(tk, "_pdl_device", lambda index: True)
+    monkeypatch.delenv("MMMAMBA_PDL", raising=False)
+    assert not tk.use_pdl(cuda_like)  # off unless asked for
+    monkeypatch.setenv("MMMAMBA_PDL", "1")
+    assert tk.use_pdl(cuda_like)
+    assert not tk.use_pdl(torch.zeros(1))  # CPU tensors: never
+    monkeypatch.setattr(tk, "interpreting", lambda: True)
+    assert not tk.use_pdl(cuda_like)  # the interpreter has no grid dependency control

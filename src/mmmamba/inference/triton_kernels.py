@@ -32,6 +32,10 @@ try:  # Triton is optional: CPU-only installs run the torch step
 except Exception:  # pragma: no cover - exercised where triton is absent
     triton = None
     tl = None
+try:  # grid dependency control (programmatic dependent launch, sm_90+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except Exception:  # pragma: no cover - older Triton: PDL stays off
+    gdc_launch_dependents = gdc_wait = None
 
 
 def available() -> bool:
@@ -99,8 +103,11 @@ if triton is not None:
         PRO: tl.constexpr, EPI: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
         CONV_UPD: tl.constexpr, KC: tl.constexpr, CSB: tl.constexpr, HD: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, ACC2D: tl.constexpr,
+        USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, ACC2D: tl.constexpr, GDC: tl.constexpr,
     ):
+        if GDC:  # programmatic dependent launch: let the next kernel launch; wait for the previous one's writes
+            gdc_launch_dependents()
+            gdc_wait()
         pid = tl.program_id(0)
         XDT = x_ptr.dtype.element_ty
         ODT = out_ptr.dtype.element_ty
@@ -208,7 +215,11 @@ if triton is not None:
         z_ptr, stride_zb, conv_ptr, cw_ptr, cb_ptr, dtb_ptr, na_ptr, s_ptr, y_ptr, stride_yb,
         H, REP, KVD, HDALL,
         N: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr,
+        GDC: tl.constexpr,
     ):
+        if GDC:
+            gdc_launch_dependents()
+            gdc_wait()
         pid = tl.program_id(0)
         pp = tl.program_id(1)
         b = pid // H
@@ -239,8 +250,11 @@ if triton is not None:
     @triton.jit
     def _rope_append_kernel(
         qkv_ptr, stride_qb, pos_ptr, len_ptr, inv_ptr, q_ptr, k_ptr, v_ptr, kvalid_ptr,
-        H, KVH, max_len, D: tl.constexpr,
+        H, KVH, max_len, D: tl.constexpr, GDC: tl.constexpr,
     ):
+        if GDC:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         j = tl.program_id(1)
         XDT = qkv_ptr.dtype.element_ty
@@ -274,8 +288,11 @@ if triton is not None:
     def _attn_split_kernel(
         q_ptr, k_ptr, v_ptr, len_ptr, kstart_ptr, po_ptr, pm_ptr, pl_ptr,
         KVH, max_len, NS, REP, scale,
-        D: tl.constexpr, REPP: tl.constexpr, BT: tl.constexpr, DOT_PREC: tl.constexpr,
+        D: tl.constexpr, REPP: tl.constexpr, BT: tl.constexpr, DOT_PREC: tl.constexpr, GDC: tl.constexpr,
     ):
+        if GDC:
+            gdc_launch_dependents()
+            gdc_wait()
         bg = tl.program_id(0)
         sp = tl.program_id(1)
         b = bg // KVH
@@ -316,8 +333,11 @@ if triton is not None:
     @triton.jit
     def _attn_reduce_kernel(
         po_ptr, pm_ptr, pl_ptr, o_ptr, stride_ob, KVH, NS, REP,
-        D: tl.constexpr, BS: tl.constexpr, SB: tl.constexpr,
+        D: tl.constexpr, BS: tl.constexpr, SB: tl.constexpr, GDC: tl.constexpr,
     ):
+        if GDC:
+            gdc_launch_dependents()
+            gdc_wait()
         bh = tl.program_id(0)
         HQ = KVH * REP
         b = bh // HQ
@@ -343,7 +363,11 @@ if triton is not None:
         tl.store(o_ptr + b * stride_ob + hq * D + rd, (acc / den).to(o_ptr.dtype.element_ty))
 
     @triton.jit
-    def _finish_kernel(pv_ptr, pi_ptr, stride_p, n_parts, tok_ptr, ids_ptr, len_ptr, pos_ptr, BP: tl.constexpr):
+    def _finish_kernel(pv_ptr, pi_ptr, stride_p, n_parts, tok_ptr, ids_ptr, len_ptr, pos_ptr, BP: tl.constexpr,
+                       GDC: tl.constexpr):
+        if GDC:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0)
         best_v = tl.full([], float("-inf"), tl.float32)
         best_i = tl.full([], 0, tl.int64)
@@ -464,6 +488,21 @@ _TUNED: dict = {}
 _FAILED: set = set()
 
 
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    return gdc_wait is not None and torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch for the decode-step kernels (opt in: MMMAMBA_PDL=1; sm_90+, not under the
+    interpreter). Each kernel then lets the next one launch once all its programs have started and waits (gdc_wait)
+    for its predecessor before touching memory, so launch and ramp-up overlap the previous kernel's tail; kernels
+    launched without it (torch's) keep full stream order."""
+    if os.environ.get("MMMAMBA_PDL") != "1" or interpreting() or not t.is_cuda:
+        return False
+    return _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -486,6 +525,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     if epi == 2:
         cands = [c for c in cands if c[0] >= EPI2_MIN_BLOCK_N]
     key = (pro, epi, dual, bias is not None, conv is not None, N, K, block_b, x.dtype, w.dtype, out.dtype)
+    pdl = use_pdl(x)
 
     def launch(cfg, out, res, parts, conv):
         bn, bk, nwarps, acc2d = cfg
@@ -510,7 +550,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
             PRO=pro, EPI=epi, DUAL=dual, HAS_BIAS=bias is not None, CONV_UPD=conv is not None,
             KC=cs.shape[2] + 1 if cs is not None else 2, CSB=csb, HD=max(hd, 1),
             BLOCK_B=block_b, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, DOT_PREC=_dot_prec(x.dtype),
-            ACC2D=bool(acc2d) and not use_dot, num_warps=nwarps,
+            ACC2D=bool(acc2d) and not use_dot, GDC=pdl, launch_pdl=pdl, num_warps=nwarps,
         )
         return grid
 
@@ -579,18 +619,21 @@ def ssm_step(z, conv_state, conv_w, conv_b, dt_bias, neg_A, ssm, y, h, kv, d, bl
     it); ssm (B, h, d, d) fp32 updated in place; y (B, h*d) <- C . S (before the gated norm)."""
     B = z.shape[0]
     bp = block_p or (d if interpreting() else min(d, 16))
+    pdl = use_pdl(z)
     _ssm_step_kernel[(B * h, d // bp)](
         z, z.stride(0), conv_state, conv_w, conv_b if conv_b is not None else conv_w, dt_bias, neg_A, ssm,
         y, y.stride(0), h, h // kv, kv * d, h * d,
-        N=d, P=d, BLOCK_P=bp, KC=conv_w.shape[1], HAS_CB=conv_b is not None, num_warps=4,
+        N=d, P=d, BLOCK_P=bp, KC=conv_w.shape[1], HAS_CB=conv_b is not None, GDC=pdl, launch_pdl=pdl,
+        num_warps=4,
     )
 
 
 def rope_append(qkv, pos, length, inv_freq, q_out, k_cache, v_cache, kvalid_u8, h, kv, d):
     B = qkv.shape[0]
+    pdl = use_pdl(qkv)
     _rope_append_kernel[(B, h + 2 * kv)](
         qkv, qkv.stride(0), pos, length, inv_freq, q_out, k_cache, v_cache, kvalid_u8,
-        h, kv, k_cache.shape[2], D=d, num_warps=1,
+        h, kv, k_cache.shape[2], D=d, GDC=pdl, launch_pdl=pdl, num_warps=1,
     )
 
 
@@ -605,12 +648,14 @@ def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, 
     h = q.shape[1]
     ns = po.shape[2]
     rep = h // kv
+    pdl = use_pdl(q)
 
     def launch(cfg):
         bt, nw = cfg
         _attn_split_kernel[(B * kv, ns)](
             q, k_cache, v_cache, length, key_start, po, pm, pl, kv, max_len, ns, rep, float(scale),
-            D=d, REPP=max(16, _pow2(rep)), BT=bt, DOT_PREC=_dot_prec(q.dtype), num_warps=nw,
+            D=d, REPP=max(16, _pow2(rep)), BT=bt, DOT_PREC=_dot_prec(q.dtype), GDC=pdl, launch_pdl=pdl,
+            num_warps=nw,
         )
 
     if block_t is not None:
@@ -622,12 +667,14 @@ def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, 
             cfg = _tune(key, _ATTN_CONFIGS, launch, q)
     launch(cfg)
     _attn_reduce_kernel[(B * h,)](po, pm, pl, out, out.stride(0), kv, ns, rep, D=d, BS=max(2, _pow2(ns)),
-                                  SB=min(16, max(2, _pow2(ns))), num_warps=4)
+                                  SB=min(16, max(2, _pow2(ns))), GDC=pdl, launch_pdl=pdl, num_warps=4)
 
 
 def finish(pv, pi, n_parts, tok, ids, length, pos):
     B = tok.shape[0]
-    _finish_kernel[(B,)](pv, pi, pv.stride(0), n_parts, tok, ids, length, pos, BP=4096, num_warps=8)
+    pdl = use_pdl(tok)
+    _finish_kernel[(B,)](pv, pi, pv.stride(0), n_parts, tok, ids, length, pos, BP=4096, GDC=pdl, launch_pdl=pdl,
+                         num_warps=8)
 
 
 # -- prefill launchers (rows = batch x tokens) -----------------------------------------------------------------
