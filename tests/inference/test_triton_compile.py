@@ -71,7 +71,7 @@ def test_gemv_compiles_without_spills(tk, variant):
         if variant["EPI"] == 2 and bn < tk.EPI2_MIN_BLOCK_N:
             continue
         const = dict(**variant, HAS_BIAS=True, KC=2, CSB=16, HD=128, BLOCK_B=bb, BLOCK_N=bn, BLOCK_K=bk,
-                     USE_DOT=use_dot, DOT_PREC="tf32", ACC2D=bool(acc2d), GDC=gdc)
+                     USE_DOT=use_dot, DOT_PREC="tf32", ACC2D=bool(acc2d), GDC=gdc, PREFETCH=gdc)
         k = _compile(tk._gemv_kernel, sig, const, nw)
         spill = _local_bytes(k)
         assert spill in (None, 0), f"{variant} {bn}x{bk} acc2d={acc2d}: {spill} bytes of local memory"

@@ -59,8 +59,9 @@ def case_kernels():
     x, w, nw = torch.randn(1, K), torch.randn(N, K), torch.rand(K) + 0.5
     w2, b2 = torch.randn(2 * N, K), torch.randn(2 * N)
     y, gg, gw = torch.randn(1, K), torch.randn(1, K), torch.rand(hd) + 0.5
-    for forced in ("8,32,4,0", "8,32,4,1"):
+    for forced, prefetch in (("8,32,4,0", "0"), ("8,32,4,1", "0"), ("8,32,4,0", "1"), ("8,32,4,1", "1")):
         os.environ["MMMAMBA_GEMV_CONFIG"] = forced
+        os.environ["MMMAMBA_GEMV_PREFETCH"] = prefetch  # the register double buffer of the W tiles
         out = torch.empty(1, N)
         tk.gemv(x, w, out, pro=1, nw=nw, eps=1e-6)
         close(out, F.linear(_rmsnorm(x, nw, 1e-6), w))
@@ -71,7 +72,7 @@ def case_kernels():
         r0 = res.clone()
         tk.gemv(y, w, res, pro=2, nw=gw, eps=1e-5, g=gg, hd=hd, res=res, epi=1)
         close(res, r0 + F.linear(_gated_rmsnorm(y.view(1, -1, hd), gg.view(1, -1, hd), gw, 1e-5).view(1, K), w))
-    del os.environ["MMMAMBA_GEMV_CONFIG"]
+    del os.environ["MMMAMBA_GEMV_CONFIG"], os.environ["MMMAMBA_GEMV_PREFETCH"]
 
     # conv + SSM step vs the reference recurrence (GQA: 4 heads, 2 groups)
     B, h, kv, d, kc = 2, 4, 2, 16, 3

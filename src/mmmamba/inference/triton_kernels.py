@@ -104,10 +104,8 @@ if triton is not None:
         CONV_UPD: tl.constexpr, KC: tl.constexpr, CSB: tl.constexpr, HD: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr, ACC2D: tl.constexpr, GDC: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
-        if GDC:  # programmatic dependent launch: let the next kernel launch; wait for the previous one's writes
-            gdc_launch_dependents()
-            gdc_wait()
         pid = tl.program_id(0)
         XDT = x_ptr.dtype.element_ty
         ODT = out_ptr.dtype.element_ty
@@ -115,6 +113,16 @@ if triton is not None:
         bm = rb < B
         rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         nm = rn < N
+        if GDC:  # programmatic dependent launch: the next kernel may launch once every program got here
+            gdc_launch_dependents()
+        if PREFETCH:  # W is never written during a step: its first tile streams in before (and while) we wait
+            rk0 = tl.arange(0, BLOCK_K)
+            wm0 = nm[:, None] & (rk0 < K)[None, :]
+            w_nxt = tl.load(w_ptr + rn[:, None] * stride_wn + rk0[None, :], mask=wm0, other=0.0)
+            if DUAL:
+                w2_nxt = tl.load(w_ptr + w2_off + rn[:, None] * stride_wn + rk0[None, :], mask=wm0, other=0.0)
+        if GDC:  # the previous kernel's writes (x, residual, states) are visible after this
+            gdc_wait()
         if PRO == 1:  # RMSNorm of each row: needs the row's mean square first (summed per lane, reduced once)
             ss = tl.zeros((BLOCK_B, BLOCK_K), tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -148,7 +156,13 @@ if triton is not None:
                 xv = tl.reshape(x3, (BLOCK_B, BLOCK_K)) * nw[None, :] * (gv * tl.sigmoid(gv))
                 xv = xv.to(XDT).to(tl.float32)
             wm = nm[:, None] & km[None, :]
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
+            if PREFETCH:  # register double buffer: the next tile's load is in flight during this tile's math
+                w = w_nxt
+                rkn = rk + BLOCK_K
+                wmn = nm[:, None] & (rkn < K)[None, :]
+                w_nxt = tl.load(w_ptr + rn[:, None] * stride_wn + rkn[None, :], mask=wmn, other=0.0)
+            else:
+                w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
             if USE_DOT:
                 acc += tl.dot(xv.to(w.dtype), tl.trans(w), input_precision=DOT_PREC)
             elif ACC2D:
@@ -156,7 +170,11 @@ if triton is not None:
             else:
                 acc += tl.sum(xv[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
             if DUAL:
-                w2 = tl.load(w_ptr + w2_off + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
+                if PREFETCH:
+                    w2 = w2_nxt
+                    w2_nxt = tl.load(w_ptr + w2_off + rn[:, None] * stride_wn + rkn[None, :], mask=wmn, other=0.0)
+                else:
+                    w2 = tl.load(w_ptr + w2_off + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
                 if USE_DOT:
                     acc2 += tl.dot(xv.to(w2.dtype), tl.trans(w2), input_precision=DOT_PREC)
                 elif ACC2D:
@@ -526,6 +544,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
         cands = [c for c in cands if c[0] >= EPI2_MIN_BLOCK_N]
     key = (pro, epi, dual, bias is not None, conv is not None, N, K, block_b, x.dtype, w.dtype, out.dtype)
     pdl = use_pdl(x)
+    prefetch = {"1": True, "0": False}.get(os.environ.get("MMMAMBA_GEMV_PREFETCH", ""), pdl)
 
     def launch(cfg, out, res, parts, conv):
         bn, bk, nwarps, acc2d = cfg
@@ -550,7 +569,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
             PRO=pro, EPI=epi, DUAL=dual, HAS_BIAS=bias is not None, CONV_UPD=conv is not None,
             KC=cs.shape[2] + 1 if cs is not None else 2, CSB=csb, HD=max(hd, 1),
             BLOCK_B=block_b, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot, DOT_PREC=_dot_prec(x.dtype),
-            ACC2D=bool(acc2d) and not use_dot, GDC=pdl, launch_pdl=pdl, num_warps=nwarps,
+            ACC2D=bool(acc2d) and not use_dot, GDC=pdl, PREFETCH=prefetch, launch_pdl=pdl, num_warps=nwarps,
         )
         return grid
 
