@@ -609,28 +609,65 @@ def _tune(key, cands, launch, x):
     if not x.is_cuda or torch.cuda.is_current_stream_capturing() or os.environ.get("MMMAMBA_TRITON_TUNE") == "0":
         return cands[0]
     best, best_t = None, float("inf")
-    for cfg in cands:
-        try:
-            launch(cfg)  # compile
-            torch.cuda.synchronize()
-            t = _kernel_ms(functools.partial(launch, cfg))
-        except Exception:  # resource limits of this config on this device
-            _FAILED.add((key, cfg))
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
+    try:
+        for cfg in cands:
+            try:
+                launch(cfg)  # compile
+                torch.cuda.synchronize()
+                t = _kernel_ms(functools.partial(launch, cfg))
+            except Exception:  # resource limits of this config on this device
+                _FAILED.add((key, cfg))
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+    finally:
+        _FLUSH.clear()
     if best is None:
         raise RuntimeError(f"no gemv configuration compiled for {key}")
     _TUNED[key] = best
     return best
 
 
-def _kernel_ms(fn) -> float:
-    """Median time of one launch as a decode step sees it: `triton.testing.do_bench` clears the L2 cache before
-    every repetition (in a step each weight comes from HBM once; back-to-back repeats of one kernel would find a
-    matrix of up to ~50 MB in L2) and queues the launch behind that clearing work, so the host's launch latency
-    is not timed either (inside the CUDA graph it is not paid)."""
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+_FLUSH: list = []  # the L2-clearing buffer, held only while a tuning runs (it would count in peak memory)
+
+
+def _kernel_ms(fn, reps: int = 20) -> float:
+    """Time of one launch as the graph-replayed decode step sees it: from a cold L2 (in a step each weight comes
+    from HBM once; back-to-back repeats would find a matrix of up to ~50 MB in L2) and without the host's launch
+    cost (Python and Triton's launcher take tens of microseconds per call, more than many of these kernels). A CUDA
+    graph of `reps` x (clear L2, launch) is timed against one of `reps` x (clear L2); falls back to
+    `triton.testing.do_bench` where capture fails."""
+    try:
+        if not _FLUSH:
+            _FLUSH.append(torch.empty(128 << 20, dtype=torch.int8, device="cuda"))  # > any L2 (H100/H200: 50 MB)
+        flush = _FLUSH[0]
+        with_fn, alone = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        fn()  # any lazy work (compilation, autotuning of callees) outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(with_fn):
+            for _ in range(reps):
+                flush.zero_()
+                fn()
+        with torch.cuda.graph(alone):
+            for _ in range(reps):
+                flush.zero_()
+        return max(_replay_ms(with_fn) - _replay_ms(alone), 0.0) / reps
+    except Exception:  # capture unsupported here: host-launched timing
+        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _replay_ms(graph, n: int = 5) -> float:
+    """Median wall time of `n` replays of `graph` (ms)."""
+    graph.replay()  # warm
+    times = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[n // 2]
 
 
 def ssm_step(z, conv_state, conv_w, conv_b, dt_bias, neg_A, ssm, y, h, kv, d, block_p: int | None = None):
