@@ -106,8 +106,14 @@ def test_other_kernels_compile(tk):
         assert all(("griddepcontrol.wait" in d.asm["ptx"]) == gdc for d in decode)
     _compile(tk._add_rmsnorm_kernel, {n: f"*{dt}" for n in ("x_ptr", "d_ptr", "h_ptr", "w_ptr", "y_ptr")} |
              {"eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=2048))
-    _compile(tk._gated_norm_kernel, {n: f"*{dt}" for n in ("y_ptr", "g_ptr", "w_ptr", "o_ptr")} | {"eps": "fp32"},
+    from mmmamba.ops import gated_norm as gn  # the fused gated RMSNorm (prefill and training)
+
+    _compile(gn._fwd_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "o_ptr")} | {"w_ptr": "*fp32", "eps": "fp32"},
              dict(D=128, BH=16))
+    for d, bh in ((64, 32), (128, 16)):  # SmolLM2 and HoVLE heads
+        k = _compile(gn._bwd_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "dy_ptr", "dx_ptr", "dg_ptr")} |
+                     {"w_ptr": "*fp32", "dw_ptr": "*fp32", "eps": "fp32"}, dict(D=d, BH=bh, BR=16))
+        assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d}: spills"
     _compile(tk._silu_mul_kernel, {"gu_ptr": f"*{dt}", "o_ptr": f"*{dt}"}, dict(BLOCK=2048))
     _compile(tk._conv_silu_prefill_kernel, {n: f"*{dt}" for n in ("z_ptr", "st_ptr", "w_ptr", "b_ptr", "m_ptr",
                                                                   "o_ptr")},

@@ -427,23 +427,6 @@ if triton is not None:
         tl.store(y_ptr + row * stride_y + cols, y.to(XDT), mask=m)
 
     @triton.jit
-    def _gated_norm_kernel(
-        y_ptr, stride_y, g_ptr, stride_g, w_ptr, o_ptr, stride_o, H, eps, D: tl.constexpr, BH: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        hb = tl.program_id(1)
-        XDT = y_ptr.dtype.element_ty
-        rh = hb * BH + tl.arange(0, BH)
-        rd = tl.arange(0, D)
-        m = (rh < H)[:, None]
-        off = rh[:, None] * D + rd[None, :]
-        y = tl.load(y_ptr + row * stride_y + off, mask=m, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + row * stride_g + off, mask=m, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + rd).to(tl.float32)
-        y = y * tl.rsqrt(tl.sum(y * y, axis=1) / D + eps)[:, None] * w[None, :]
-        tl.store(o_ptr + row * stride_o + off, (y * (g * tl.sigmoid(g))).to(XDT), mask=m)
-
-    @triton.jit
     def _silu_mul_kernel(gu_ptr, stride_gu, o_ptr, stride_o, N, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -757,15 +740,9 @@ def add_rmsnorm(x, w, eps, delta=None):
 
 def gated_rmsnorm(y, g, w, eps, head_dim):
     """Per-head RMSNorm(y) * w * SiLU(g); y, g (..., h*d) (g may be a strided view); returns a new tensor."""
-    shape = y.shape
-    y2, g2 = _rows(y), _rows(g)
-    H = y2.shape[1] // head_dim
-    out = torch.empty(shape, dtype=y.dtype, device=y.device)
-    o2 = _rows(out)
-    bh = min(_pow2(H), max(1, 2048 // head_dim))
-    _gated_norm_kernel[(y2.shape[0], triton.cdiv(H, bh))](y2, y2.stride(0), g2, g2.stride(0), w, o2, o2.stride(0),
-                                                          H, float(eps), D=head_dim, BH=bh, num_warps=4)
-    return out
+    from ..ops.gated_norm import fused_forward
+
+    return fused_forward(y, g, w, eps, head_dim)
 
 
 def silu_mul(gu):

@@ -1,0 +1,50 @@
+"""Fused gated RMSNorm (ops/gated_norm.py): the Triton forward and backward against the torch reference, run by
+Triton's interpreter on the CPU in a subprocess (so TRITON_INTERPRET stays local), and the module's CPU path."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmmamba.layers.norm import GatedRMSNorm
+from mmmamba.ops.gated_norm import gated_rmsnorm_ref
+
+CASES = r"""
+import torch
+from mmmamba.ops import gated_norm
+from mmmamba.ops.gated_norm import fused_errors
+gated_norm.MULTI_ROW_MIN = 64  # the 16-rows-per-program backward at a size the interpreter runs quickly
+for head_dim, heads, rows, dtype in [(16, 3, 37, torch.float32), (1024, 3, 5, torch.float32),
+                                     (8, 2, 70, torch.float32), (16, 3, 37, torch.bfloat16)]:
+    errs = fused_errors(head_dim, dtype, torch.device("cpu"), heads=heads, rows=rows)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert max(errs.values()) < tol, (head_dim, heads, rows, dtype, errs)
+    print("ok", head_dim, heads, rows, dtype, errs)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_fused_kernels_match_reference_under_the_interpreter():
+    """Head blocks (1024-wide heads: 2 programs per row), 16 rows per backward program (70 rows: the last program
+    partly masked), a strided g, fp32 (1e-5) and bf16 (1e-2)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", CASES], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.count("ok ") == 4
+
+
+def test_module_on_cpu_is_the_reference():
+    torch.manual_seed(0)
+    m = GatedRMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+    x, g = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8)
+    xf = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * m.weight
+    torch.testing.assert_close(m(x, g), xf * torch.nn.functional.silu(g), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gated_rmsnorm_ref(x.reshape(2, 5, 24), g.reshape(2, 5, 24), m.weight, 1e-5, 8),
+                               m(x, g).reshape(2, 5, 24))
