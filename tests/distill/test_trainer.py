@@ -355,23 +355,26 @@ def test_fsdp_without_gpus_is_refused_clearly(tmp_path, monkeypatch):
         StageRunner(r, 3, data=_batches(2), **QUIET).run()
 
 
-def test_ssd_backward_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
-    """On CUDA the runner picks the SSD backward (and runs its check) before DDP wraps the module, and says which."""
+def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
+    """On CUDA the runner picks the SSD backward and checks the fused gated RMSNorm before DDP wraps the module,
+    and says which ones train."""
     from conftest import tiny_config
 
-    from mmmamba.ops import ssd_fla
+    from mmmamba.ops import gated_norm, ssd_fla
 
-    asked, said = [], []
+    asked, checked, said = [], [], []
     monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
     monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev, h: asked.append((K, V, dev, h)) or "bk128")
+    monkeypatch.setattr(gated_norm, "_fused_ok", lambda d, dtype, index: checked.append((d, dtype, index)) or True)
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
     runner = StageRunner(r, 1, progress=False, log=said.append)
     student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
-    runner._log_ssd_backward(student, torch.device("cuda", 0))
+    runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16)
     d, h = student.config.head_dim, student.config.num_attention_heads
-    assert asked == [(d, d, torch.device("cuda", 0), h)] and "128-wide tiles" in said[0]
-    runner._log_ssd_backward(student, torch.device("cpu"))  # nothing to choose on the CPU
-    assert len(asked) == 1 and len(said) == 1
+    assert asked == [(d, d, torch.device("cuda", 0), h)] and checked == [(d, torch.bfloat16, 0)]
+    assert "128-wide tiles" in said[0] and "fused Triton kernels" in said[1]
+    runner._choose_kernels(student, torch.device("cpu"), torch.float32)  # nothing to choose on the CPU
+    assert len(asked) == 1 and len(said) == 2
 
 
 def test_compile_mixers_option_compiles_each_mamba_mixer_once(tmp_path, monkeypatch):

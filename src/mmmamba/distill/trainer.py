@@ -465,19 +465,22 @@ class StageRunner:
             expected = ["seed"] if self.stage == 1 else [str(self.stage - 1)]
         return path, expected
 
-    def _log_ssd_backward(self, student, device) -> None:
-        """On CUDA, pick (and for "bk128" check, once) the SSD backward here, before DDP wraps the module, and say
-        which one trains."""
+    def _choose_kernels(self, student, device, dtype: torch.dtype) -> None:
+        """On CUDA, pick (and check, once) the mixer's kernels here, before DDP wraps the module, and say which
+        ones train: the SSD backward (`ops.ssd_fla`) and the fused gated RMSNorm (`ops.gated_norm`)."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
-        from ..ops import ssd_fla
+        from ..ops import gated_norm, ssd_fla
 
-        if not ssd_fla.fla_available():
-            self.log("SSD: chunked torch implementation (fla-core not importable)")
-            return
         cfg = student.config
-        mode = ssd_fla.backward_mode(cfg.head_dim, cfg.head_dim, device, cfg.num_attention_heads)
-        self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}")
+        if ssd_fla.fla_available():
+            mode = ssd_fla.backward_mode(cfg.head_dim, cfg.head_dim, device, cfg.num_attention_heads)
+            self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}")
+        else:
+            self.log("SSD: chunked torch implementation (fla-core not importable)")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        fused = gated_norm._fused_ok(cfg.head_dim, dtype, index)
+        self.log("gated RMSNorm: " + ("fused Triton kernels (checked against torch)" if fused else "torch ops"))
 
     def _seed(self, teacher, tid, tokenizer) -> Path:
         """Stage 1 without an explicit student: seed one from the teacher (all layers Mamba-2, PAPER §4.5)."""
@@ -616,7 +619,7 @@ class StageRunner:
         if cfg.compile_mixers:
             n = compile_mixers(student)
             self.log(f"stage {stage}: torch.compile on {n} Mamba-2 mixers (first steps compile)")
-        self._log_ssd_backward(student, acc.device)
+        self._choose_kernels(student, acc.device, torch.bfloat16 if precision == "bf16" else torch.float32)
         module = acc.prepare(module)
         optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda")
         optimizer = acc.prepare(optimizer)
