@@ -360,19 +360,22 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     and says which ones train."""
     from conftest import tiny_config
 
-    from mmmamba.ops import gated_norm, ssd_fla
+    from mmmamba.ops import conv_silu, gated_norm, ssd_fla
 
     asked, checked, said = [], [], []
     monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
     monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev, h: asked.append((K, V, dev, h)) or "bk128")
     monkeypatch.setattr(gated_norm, "_fused_ok", lambda d, dtype, index: checked.append((d, dtype, index)) or True)
+    monkeypatch.setattr(conv_silu, "_fused_ok", lambda k, dtype, bias, index: checked.append((k, dtype)) or False)
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
     runner = StageRunner(r, 1, progress=False, log=said.append)
     student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
     runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16)
     d, h = student.config.head_dim, student.config.num_attention_heads
-    assert asked == [(d, d, torch.device("cuda", 0), h)] and checked == [(d, torch.bfloat16, 0)]
-    assert "128-wide tiles" in said[0] and "fused Triton kernels" in said[1]
+    k = student.config.mamba_d_conv
+    assert asked == [(d, d, torch.device("cuda", 0), h)] and checked == [(d, torch.bfloat16, 0), (k, torch.bfloat16)]
+    assert "128-wide tiles" in said[0]
+    assert "gated RMSNorm: fused Triton kernels" in said[1] and "conv + SiLU: torch ops" in said[1]
     runner._choose_kernels(student, torch.device("cpu"), torch.float32)  # nothing to choose on the CPU
     assert len(asked) == 1 and len(said) == 2
 

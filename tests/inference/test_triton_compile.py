@@ -106,7 +106,15 @@ def test_other_kernels_compile(tk):
         assert all(("griddepcontrol.wait" in d.asm["ptx"]) == gdc for d in decode)
     _compile(tk._add_rmsnorm_kernel, {n: f"*{dt}" for n in ("x_ptr", "d_ptr", "h_ptr", "w_ptr", "y_ptr")} |
              {"eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=2048))
+    from mmmamba.ops import conv_silu as cs  # the fused conv + SiLU (training)
     from mmmamba.ops import gated_norm as gn  # the fused gated RMSNorm (prefill and training)
+
+    for kc in (2, 3, 4):
+        sig = {n: f"*{dt}" for n in ("x_ptr", "o_ptr", "dy_ptr", "dx_ptr")} | {n: "*fp32" for n in ("w_ptr", "b_ptr",
+                                                                                                   "dw_ptr", "db_ptr")}
+        _compile(cs._fwd_kernel, sig, dict(KC=kc, HAS_B=True, BT=cs.BT, BC=cs.BC))
+        k = _compile(cs._bwd_kernel, sig, dict(KC=kc, HAS_B=True, BT=cs._bwd_bt(kc), BC=cs.BC))
+        assert _local_bytes(k) in (None, 0), f"conv+SiLU backward k={kc}: spills"
 
     _compile(gn._fwd_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "o_ptr")} | {"w_ptr": "*fp32", "eps": "fp32"},
              dict(D=128, BH=16))

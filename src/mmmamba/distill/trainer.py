@@ -467,10 +467,11 @@ class StageRunner:
 
     def _choose_kernels(self, student, device, dtype: torch.dtype) -> None:
         """On CUDA, pick (and check, once) the mixer's kernels here, before DDP wraps the module, and say which
-        ones train: the SSD backward (`ops.ssd_fla`) and the fused gated RMSNorm (`ops.gated_norm`)."""
+        ones train: the SSD backward (`ops.ssd_fla`), the fused gated RMSNorm (`ops.gated_norm`) and conv + SiLU
+        (`ops.conv_silu`)."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
-        from ..ops import gated_norm, ssd_fla
+        from ..ops import conv_silu, gated_norm, ssd_fla
 
         cfg = student.config
         if ssd_fla.fla_available():
@@ -479,8 +480,10 @@ class StageRunner:
         else:
             self.log("SSD: chunked torch implementation (fla-core not importable)")
         index = device.index if device.index is not None else torch.cuda.current_device()
-        fused = gated_norm._fused_ok(cfg.head_dim, dtype, index)
-        self.log("gated RMSNorm: " + ("fused Triton kernels (checked against torch)" if fused else "torch ops"))
+        fused = {"gated RMSNorm": gated_norm._fused_ok(cfg.head_dim, dtype, index),
+                 "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
+        self.log("; ".join(f"{name}: " + ("fused Triton kernels (checked against torch)" if ok else "torch ops")
+                           for name, ok in fused.items()))
 
     def _seed(self, teacher, tid, tokenizer) -> Path:
         """Stage 1 without an explicit student: seed one from the teacher (all layers Mamba-2, PAPER §4.5)."""

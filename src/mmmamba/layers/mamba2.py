@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import causal_conv1d, causal_conv1d_step, ssd, ssd_step
+from ..ops.conv_silu import conv_silu
 from .norm import GatedRMSNorm
 
 SEED_MODES = ("mimic", "inherit", "scratch")
@@ -126,8 +127,11 @@ class Mamba2Mixer(nn.Module):
             y, state.ssm = ssd_step(state.ssm, v[:, 0], dt[:, 0], A, k[:, 0], q[:, 0])
             y = y[:, None]
         else:
-            xc, conv_state = causal_conv1d(xBC, w, cb, None if state is None else state.conv)
-            xc = F.silu(xc)
+            if state is None:  # a whole sequence from a zero state (training, scoring): fused on CUDA
+                xc = conv_silu(xBC, w, cb)
+            else:
+                xc, conv_state = causal_conv1d(xBC, w, cb, state.conv)
+                xc = F.silu(xc)
             if m is not None:
                 xc = xc * m
             v, k, q = self._split(xc, b, l)
