@@ -133,6 +133,7 @@ class ConvSiLUFn(torch.autograd.Function):
         return dx, dw.sum(0).to(w.dtype), None if b is None else db.sum(0).to(b.dtype)
 
 
+@torch.compiler.disable  # its own Triton kernels (and one-off check) stay outside compiled graphs
 def conv_silu(x, w, b):
     """Dispatch: the fused Triton kernels on CUDA (after their check passed), else the reference."""
     if x.is_cuda and x.stride(-1) == 1 and _fused_ok(w.shape[1], x.dtype, b is not None,

@@ -130,6 +130,7 @@ class GatedRMSNormFn(torch.autograd.Function):
         return dx.view(x_shape), dg.view(g_shape), dw.sum(0).to(w.dtype), None, None
 
 
+@torch.compiler.disable  # its own Triton kernels (and one-off check) stay outside compiled graphs
 def gated_rmsnorm(x, g, w, eps: float, head_dim: int):
     """Dispatch: the fused Triton kernels on CUDA (after their check passed), else the reference."""
     if x.is_cuda and _fused_ok(head_dim, x.dtype, x.device.index if x.device.index is not None else 0):
