@@ -65,6 +65,22 @@ def left_pad(seqs, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+
+
+def run_interpreted(code: str, expect_ok: int, timeout: int = 600) -> str:
+    """Run `code` in a fresh Python under Triton's interpreter (CPU; TRITON_INTERPRET stays out of this process)
+    and check it printed `expect_ok` lines starting with "ok "; returns its stdout."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert r.stdout.count("ok ") == expect_ok, r.stdout[-2000:]
+    return r.stdout
+
+
 def tiny_model(layer_types=None, seed: int = 0, **overrides) -> MMMambaForCausalLM:
     """A random MMMambaForCausalLM (eval mode) with SSM parameters randomised too."""
     torch.manual_seed(seed)

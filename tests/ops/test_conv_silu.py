@@ -3,14 +3,9 @@ interpreter on the CPU (in a subprocess, so TRITON_INTERPRET stays local); the C
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_triton, run_interpreted
 
 from mmmamba.ops.conv import causal_conv1d
 from mmmamba.ops.conv_silu import conv_silu
@@ -29,12 +24,9 @@ for k, dtype, bias, L, C in [(2, torch.float32, True, 77, 200), (4, torch.float3
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@requires_triton
 def test_fused_kernels_match_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-c", CASES], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert r.stdout.count("ok ") == 3
+    run_interpreted(CASES, expect_ok=3)
 
 
 def test_cpu_dispatch_is_the_reference():

@@ -3,13 +3,8 @@ Triton's interpreter on the CPU in a subprocess (so TRITON_INTERPRET stays local
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
+from conftest import requires_triton, run_interpreted
 
 from mmmamba.layers.norm import GatedRMSNorm
 from mmmamba.ops.gated_norm import gated_rmsnorm_ref
@@ -28,14 +23,11 @@ for head_dim, heads, rows, dtype in [(16, 3, 37, torch.float32), (1024, 3, 5, to
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+@requires_triton
 def test_fused_kernels_match_reference_under_the_interpreter():
     """Head blocks (1024-wide heads: 2 programs per row), 16 rows per backward program (70 rows: the last program
     partly masked), a strided g, fp32 (1e-5) and bf16 (1e-2)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-c", CASES], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert r.stdout.count("ok ") == 4
+    run_interpreted(CASES, expect_ok=4)
 
 
 def test_module_on_cpu_is_the_reference():

@@ -12,11 +12,11 @@ both against the reference.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from .checked import passes_check
 from .conv import causal_conv1d
 
 try:
@@ -163,16 +163,6 @@ def fused_errors(k: int, dtype: torch.dtype, device, has_bias: bool = True, L: i
 
 @functools.cache
 def _fused_ok(k: int, dtype: torch.dtype, has_bias: bool, device_index: int) -> bool:
-    if triton is None:
-        return False
-    try:
-        with torch.enable_grad(), torch.autocast("cuda", enabled=False):
-            errs = fused_errors(k, dtype, torch.device("cuda", device_index), has_bias)
-    except Exception as e:
-        warnings.warn(f"mmmamba: fused conv+SiLU unavailable ({type(e).__name__}: {e}); using torch ops",
-                      stacklevel=2)
-        return False
-    if max(errs.values()) > CHECK_TOLERANCE:
-        warnings.warn(f"mmmamba: fused conv+SiLU failed its check ({errs}); using torch ops", stacklevel=2)
-        return False
-    return True
+    return triton is not None and passes_check(
+        "fused conv+SiLU", lambda: fused_errors(k, dtype, torch.device("cuda", device_index), has_bias),
+        CHECK_TOLERANCE, "torch ops")

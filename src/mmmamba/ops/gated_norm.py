@@ -10,9 +10,10 @@ of the ~20 fp32 elementwise passes autograd makes of the reference, after a one-
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
+
+from .checked import passes_check
 
 try:
     import triton
@@ -161,16 +162,6 @@ def fused_errors(head_dim: int, dtype: torch.dtype, device, heads: int = 3, rows
 
 @functools.cache
 def _fused_ok(head_dim: int, dtype: torch.dtype, device_index: int) -> bool:
-    if triton is None:
-        return False
-    try:
-        with torch.enable_grad(), torch.autocast("cuda", enabled=False):
-            errs = fused_errors(head_dim, dtype, torch.device("cuda", device_index))
-    except Exception as e:
-        warnings.warn(f"mmmamba: fused gated RMSNorm unavailable ({type(e).__name__}: {e}); using torch ops",
-                      stacklevel=2)
-        return False
-    if max(errs.values()) > CHECK_TOLERANCE:
-        warnings.warn(f"mmmamba: fused gated RMSNorm failed its check ({errs}); using torch ops", stacklevel=2)
-        return False
-    return True
+    return triton is not None and passes_check(
+        "fused gated RMSNorm", lambda: fused_errors(head_dim, dtype, torch.device("cuda", device_index)),
+        CHECK_TOLERANCE, "torch ops")

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
+
+from .checked import passes_check
 
 MODE_NOTES = {
     "native": "fla-core's own",
@@ -155,18 +156,9 @@ def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[s
 
 @functools.cache
 def _bk128_ok(K: int, V: int, device_index: int, heads: int = 2) -> bool:
-    try:  # full precision and autograd on, whatever context the first training step runs in
-        with torch.enable_grad(), torch.autocast("cuda", enabled=False):
-            errs = bk128_errors(K, V, torch.device("cuda", device_index), heads=heads)
-    except Exception as e:  # fla internals changed or the kernel does not compile here
-        warnings.warn(f"mmmamba: fla 128-tile SSD backward unavailable ({type(e).__name__}: {e}); "
-                      "using the recomputed torch backward", stacklevel=2)
-        return False
-    if max(errs.values()) > BK128_TOLERANCE:
-        warnings.warn(f"mmmamba: fla 128-tile SSD backward failed its check ({errs}); using the recomputed "
-                      "torch backward", stacklevel=2)
-        return False
-    return True
+    return passes_check("fla 128-tile SSD backward",
+                        lambda: bk128_errors(K, V, torch.device("cuda", device_index), heads=heads),
+                        BK128_TOLERANCE, "the recomputed torch backward")
 
 
 def backward_mode(K: int, V: int, device: torch.device, heads: int = 2) -> str:

@@ -1,0 +1,24 @@
+"""The one-off check that gates each fast GPU path on its torch reference (fused kernels, fla workarounds)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+
+def passes_check(what: str, errors: Callable[[], dict[str, float]], tolerance: float, fallback: str) -> bool:
+    """Run `errors()` (relative errors of the fast path against its reference) in full precision with autograd on,
+    whatever context the first training step runs in. True when every error is within `tolerance`; otherwise (or
+    when the check itself fails) warn that `fallback` is used and return False."""
+    try:
+        with torch.enable_grad(), torch.autocast("cuda", enabled=False):
+            errs = errors()
+    except Exception as e:  # the kernel does not compile here, or a library's internals moved
+        warnings.warn(f"mmmamba: {what} unavailable ({type(e).__name__}: {e}); using {fallback}", stacklevel=3)
+        return False
+    if max(errs.values()) > tolerance:
+        warnings.warn(f"mmmamba: {what} failed its check ({errs}); using {fallback}", stacklevel=3)
+        return False
+    return True
