@@ -472,6 +472,7 @@ class StageRunner:
         if device.type != "cuda" or not student.config.mamba_layers:
             return
         from ..ops import conv_silu, gated_norm, ssd_fla
+        from ..ops.checked import cuda_index
 
         cfg = student.config
         if ssd_fla.fla_available():
@@ -479,7 +480,7 @@ class StageRunner:
             self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}")
         else:
             self.log("SSD: chunked torch implementation (fla-core not importable)")
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = cuda_index(device)
         fused = {"gated RMSNorm": gated_norm._fused_ok(cfg.head_dim, dtype, index),
                  "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
         self.log("; ".join(f"{name}: " + ("fused Triton kernels (checked against torch)" if ok else "torch ops")

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from ..ops.checked import cuda_index
+
 try:  # Triton is optional: CPU-only installs run the torch step
     import triton
     import triton.language as tl
@@ -501,7 +503,7 @@ def use_pdl(t: torch.Tensor) -> bool:
     launched without it (torch's) keep full stream order."""
     if os.environ.get("MMMAMBA_PDL") != "1" or interpreting() or not t.is_cuda:
         return False
-    return _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _pdl_device(cuda_index(t.device))
 
 
 def _dot_prec(dtype: torch.dtype) -> str:

@@ -8,6 +8,11 @@ from collections.abc import Callable
 import torch
 
 
+def cuda_index(device: torch.device) -> int:
+    """The CUDA device number of `device` ("cuda" alone: the current device), the key of the per-device checks."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def passes_check(what: str, errors: Callable[[], dict[str, float]], tolerance: float, fallback: str) -> bool:
     """Run `errors()` (relative errors of the fast path against its reference) in full precision with autograd on,
     whatever context the first training step runs in. True when every error is within `tolerance`; otherwise (or

@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .checked import passes_check
+from .checked import cuda_index, passes_check
 from .conv import causal_conv1d
 
 try:
@@ -136,8 +136,7 @@ class ConvSiLUFn(torch.autograd.Function):
 @torch.compiler.disable  # its own Triton kernels (and one-off check) stay outside compiled graphs
 def conv_silu(x, w, b):
     """Dispatch: the fused Triton kernels on CUDA (after their check passed), else the reference."""
-    if x.is_cuda and x.stride(-1) == 1 and _fused_ok(w.shape[1], x.dtype, b is not None,
-                                                     x.device.index if x.device.index is not None else 0):
+    if x.is_cuda and x.stride(-1) == 1 and _fused_ok(w.shape[1], x.dtype, b is not None, cuda_index(x.device)):
         return ConvSiLUFn.apply(x, w, b)
     return conv_silu_ref(x, w, b)
 

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .checked import passes_check
+from .checked import cuda_index, passes_check
 
 try:
     import triton
@@ -134,7 +134,7 @@ class GatedRMSNormFn(torch.autograd.Function):
 @torch.compiler.disable  # its own Triton kernels (and one-off check) stay outside compiled graphs
 def gated_rmsnorm(x, g, w, eps: float, head_dim: int):
     """Dispatch: the fused Triton kernels on CUDA (after their check passed), else the reference."""
-    if x.is_cuda and _fused_ok(head_dim, x.dtype, x.device.index if x.device.index is not None else 0):
+    if x.is_cuda and _fused_ok(head_dim, x.dtype, cuda_index(x.device)):
         return GatedRMSNormFn.apply(x, g, w, eps, head_dim)
     return gated_rmsnorm_ref(x, g, w, eps, head_dim)
 

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .checked import passes_check
+from .checked import cuda_index, passes_check
 
 MODE_NOTES = {
     "native": "fla-core's own",
@@ -171,5 +171,4 @@ def backward_mode(K: int, V: int, device: torch.device, heads: int = 2) -> str:
         return forced
     if fla_backward_ok():
         return "native"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return "bk128" if _bk128_ok(K, V, index, heads) else "torch"
+    return "bk128" if _bk128_ok(K, V, cuda_index(device), heads) else "torch"
