@@ -98,8 +98,7 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, S0):
         ctx.save_for_backward(x, dt, A, B, C, S0)
         with torch.no_grad():
-            return _fla.simple_gla()(*_fla.gla_inputs(x, dt, A, B, C), scale=1.0, initial_state=S0,
-                                     output_final_state=True)
+            return _fla.forward(x, dt, A, B, C, S0)
 
     @staticmethod
     def backward(ctx, gy, gS):
@@ -130,8 +129,7 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     elif mode == "bk128":
         y, S = _fla.SimpleGLABK128.apply(*_fla.gla_inputs(x, dt, A, B, C), S0)
     else:
-        y, S = _fla.simple_gla()(*_fla.gla_inputs(x, dt, A, B, C), scale=1.0, initial_state=S0,
-                                 output_final_state=True)
+        y, S = _fla.forward(x, dt, A, B, C, S0)
     return _finish(y, x, D).to(x.dtype), S
 
 

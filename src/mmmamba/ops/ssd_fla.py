@@ -119,6 +119,11 @@ def gla_inputs(x, dt, A, B, C):
     return C.to(x.dtype), B.to(x.dtype), (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype), dt.float() * A.float()
 
 
+def forward(x, dt, A, B, C, S0):
+    """fla's forward of the SSD (its own autograd when inputs require grad): (y, final state)."""
+    return simple_gla()(*gla_inputs(x, dt, A, B, C), scale=1.0, initial_state=S0, output_final_state=True)
+
+
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
