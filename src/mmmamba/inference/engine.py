@@ -32,6 +32,7 @@ from torch import nn
 from ..layers.rope import apply_rope, rope_inv_freq
 from ..models.config import ATTENTION
 from ..ops import causal_conv1d, ssd
+from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
 from .generate import _eos_ids, sample_next
 from .static_cache import StaticCache
 
@@ -109,12 +110,6 @@ def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
-
-
-def _gated_rmsnorm(y: torch.Tensor, g: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = y.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-    return (xf * F.silu(g.float())).to(y.dtype)
 
 
 _GQA_LOWER_RIGHT_OK = [True]
@@ -420,13 +415,9 @@ class Engine:
         del v, k, q, xc
         cs.copy_(conv_new)
         ss.copy_(final)
-        if self._fast_prefill:
-            from . import triton_kernels as tk
-
-            y = tk.gated_rmsnorm(y.reshape(b, l, h * d), g, p.gnorm_w, p.gnorm_eps, d)
-        else:
-            y = _gated_rmsnorm(y, g.reshape(b, l, h, d), p.gnorm_w, p.gnorm_eps)
-        return F.linear(y.reshape(b, l, h * d), p.w_o, p.b_o)
+        norm = fused_forward if self._fast_prefill else gated_rmsnorm_ref
+        y = norm(y.reshape(b, l, h * d), g, p.gnorm_w, p.gnorm_eps, d)
+        return F.linear(y, p.w_o, p.b_o)
 
     @property
     def _fast_prefill(self) -> bool:
@@ -508,8 +499,8 @@ class Engine:
                 upd = kk.float().view(b, kv, 1, d, 1) * (dtv * vv.float().view(b, kv, 1, 1, d))
                 S5.mul_(decay).add_(upd)
                 y = torch.einsum("bgrn,bgrnp->bgrp", qq.float().view(b, kv, rep, d), S5).to(self.dtype)
-                y = _gated_rmsnorm(y.view(b, h_, d), g.view(b, h_, d), p.gnorm_w, p.gnorm_eps)
-                h = h + F.linear(y.reshape(b, h_ * d), p.w_o, p.b_o)
+                y = gated_rmsnorm_ref(y.reshape(b, h_ * d), g, p.gnorm_w, p.gnorm_eps, d)
+                h = h + F.linear(y, p.w_o, p.b_o)
             u = _rmsnorm(h, p.ln2, p.eps2)
             gate, up = F.linear(u, p.w_gu, p.b_gu).chunk(2, dim=-1)
             h = h + F.linear(p.layer.mlp.act(gate) * up, p.w_down, p.b_down)

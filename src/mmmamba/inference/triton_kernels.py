@@ -740,13 +740,6 @@ def add_rmsnorm(x, w, eps, delta=None):
     return h, y
 
 
-def gated_rmsnorm(y, g, w, eps, head_dim):
-    """Per-head RMSNorm(y) * w * SiLU(g); y, g (..., h*d) (g may be a strided view); returns a new tensor."""
-    from ..ops.gated_norm import fused_forward
-
-    return fused_forward(y, g, w, eps, head_dim)
-
-
 def silu_mul(gu):
     """SiLU(gate) * up for gu = [gate | up] (..., 2N) -> (..., N)."""
     g2 = _rows(gu)

@@ -92,9 +92,12 @@ def _blocks(H: int, D: int) -> int:
 
 def fused_forward(x, g, w, eps: float, head_dim: int) -> torch.Tensor:
     """The forward kernel alone (no autograd): a new tensor shaped like x. x, g (..., h*d)."""
-    x2, g2 = _rows(x), _rows(g)
+    return _forward_rows(_rows(x), _rows(g), w, eps, head_dim, x.shape)
+
+
+def _forward_rows(x2, g2, w, eps: float, head_dim: int, shape) -> torch.Tensor:
     H = x2.shape[1] // head_dim
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(shape, dtype=x2.dtype, device=x2.device)
     o2 = out.view(-1, out.shape[-1])
     bh = _blocks(H, head_dim)
     _fwd_kernel[(x2.shape[0], triton.cdiv(H, bh))](x2, x2.stride(0), g2, g2.stride(0), w, o2, o2.stride(0), H,
@@ -107,8 +110,8 @@ class GatedRMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g, w, eps: float, head_dim: int):
-        out = fused_forward(x, g, w, eps, head_dim)
         x2, g2 = _rows(x), _rows(g)
+        out = _forward_rows(x2, g2, w, eps, head_dim, x.shape)
         ctx.save_for_backward(x2, g2, w)
         ctx.eps, ctx.head_dim, ctx.shapes = float(eps), head_dim, (x.shape, g.shape, g.dtype)
         return out
