@@ -70,7 +70,7 @@ class StageConfig:
     decay_type: str
     min_lr_ratio: float
     gradient_checkpointing: bool
-    compile_mixers: bool  # torch.compile each Mamba-2 mixer (fuses its elementwise work; the SSD stays fla's)
+    compile_mixers: bool  # torch.compile each Mamba-2 mixer's remaining elementwise work (see trainer)
     log_every: int
     save_every: int
     keep_checkpoints: int

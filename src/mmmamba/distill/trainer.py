@@ -833,8 +833,8 @@ class StageRunner:
 
 def compile_mixers(model) -> int:
     """torch.compile the per-head path (`heads`) of every Mamba-2 mixer, with dynamic sequence lengths: inductor
-    fuses the projections' epilogues, conv, SiLU, softplus and gated norm; `ssd_fla` stays outside the graphs.
-    Returns how many mixers were compiled."""
+    fuses what is left between the mixer's own kernels (softplus, splits, repeats, masks); the SSD, conv + SiLU and
+    gated norm keep theirs, outside the graphs. Returns how many mixers were compiled."""
     n = 0
     for layer in model.model.layers:
         mixer = layer.mixer

@@ -621,14 +621,12 @@ def _kernel_ms(fn, reps: int = 20) -> float:
     from HBM once; back-to-back repeats would find a matrix of up to ~50 MB in L2) and without the host's launch
     cost (Python and Triton's launcher take tens of microseconds per call, more than many of these kernels). A CUDA
     graph of `reps` x (clear L2, launch) is timed against one of `reps` x (clear L2); falls back to
-    `triton.testing.do_bench` where capture fails."""
+    `triton.testing.do_bench` where capture fails. `fn` must have run once already (compiled, outside capture)."""
     try:
         if not _FLUSH:
             _FLUSH.append(torch.empty(128 << 20, dtype=torch.int8, device="cuda"))  # > any L2 (H100/H200: 50 MB)
         flush = _FLUSH[0]
         with_fn, alone = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        fn()  # any lazy work (compilation, autotuning of callees) outside the capture
-        torch.cuda.synchronize()
         with torch.cuda.graph(with_fn):
             for _ in range(reps):
                 flush.zero_()
