@@ -5,7 +5,8 @@ fp32 (TF32 off): identical greedy tokens for --steps steps (linear, hybrid, teac
 a left-padded batch of 3; sampling with the same seeded generator; a chunked prefill (informative: fla's fp32
 kernels use TF32 inside, so chunking may move logits by ~1e-3).
 bf16: teacher-forced steps (the fp32 reference's tokens), logits compared step by step (relative max error over
-the logits' range) and top-1 agreement.
+the logits' range) and top-1 agreement against the fp32 model; a bf16 engine passes when it is no further from
+fp32 than the bf16 reference model is (x 1.25 + 5e-3; top-1 agreement within 0.05).
 
     PYTHONPATH=src python scripts/gpu/check_decode.py [--out DIR] [--steps 256]
 
@@ -74,6 +75,16 @@ def reference_forced(model, ids, forced):
         out = model(input_ids=forced[:, t:t + 1], cache=cache, use_cache=True)
         logits.append(out.logits[:, -1].float())
     return torch.stack(logits, 1)
+
+
+def median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def forced_errors(logits, ref):
+    """Per-step relative max logit errors of (b, T, V) logits against ref, and their top-1 agreement."""
+    errs = [rel_err(logits[:, t], ref[:, t]) for t in range(ref.shape[1])]
+    return errs, float((logits.argmax(-1) == ref.argmax(-1)).float().mean())
 
 
 @torch.no_grad()
@@ -158,18 +169,27 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             record(f"fp32 {kind} batch / sampling", False, error=f"{type(e).__name__}: {e}"[:400])
 
-        # bf16: same weights, teacher-forced on the fp32 reference's tokens
+        # bf16: same weights, teacher-forced on the fp32 reference's tokens. Each bf16 path rounds at every layer,
+        # so the judge is the fp32 model: a bf16 engine passes when it is no further from fp32 than the bf16
+        # reference is (the engine's own self-check uses the same rule). The distance to the bf16 reference is
+        # informative only: the torch engine repeats the reference's ops and roundings, the Triton one does not.
         try:
-            mb = model.to(torch.bfloat16)
             forced = ref[:, args.prompt:args.prompt + 64]
+            l32 = reference_forced(model, ids, forced)
+            mb = model.to(torch.bfloat16)
             lr = reference_forced(mb, ids, forced)
+            r_err, r_agree = forced_errors(lr, l32)
+            record(f"bf16 {kind} reference vs fp32 (the bound)", True, strict=False, max_rel_err=f"{max(r_err):.2e}",
+                   median_rel_err=f"{median(r_err):.2e}", top1_agreement=f"{r_agree:.3f}")
             for kernels in kernel_list:
                 le = engine_forced(Engine(mb, kernels=kernels), ids, forced)
-                errs = [rel_err(le[:, t], lr[:, t]) for t in range(lr.shape[1])]
-                agree = float((le.argmax(-1) == lr.argmax(-1)).float().mean())
-                record(f"bf16 {kind} {kernels}: logits of 64 teacher-forced steps", max(errs) < 0.03 and agree >= 0.9,
-                       max_rel_err=f"{max(errs):.2e}", median_rel_err=f"{sorted(errs)[len(errs) // 2]:.2e}",
-                       top1_agreement=f"{agree:.3f}")
+                errs, agree = forced_errors(le, l32)
+                b_err, b_agree = forced_errors(le, lr)
+                ok = (max(errs) <= 1.25 * max(r_err) + 5e-3 and median(errs) <= 1.25 * median(r_err) + 5e-3
+                      and agree >= r_agree - 0.05)
+                record(f"bf16 {kind} {kernels}: logits of 64 teacher-forced steps vs fp32", ok,
+                       max_rel_err=f"{max(errs):.2e}", median_rel_err=f"{median(errs):.2e}",
+                       top1_agreement=f"{agree:.3f}", vs_bf16_reference=f"{max(b_err):.2e}/{b_agree:.3f}")
         except Exception as e:  # noqa: BLE001
             record(f"bf16 {kind}", False, error=f"{type(e).__name__}: {e}"[:400])
         del model

@@ -39,6 +39,7 @@ import torch
 
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # as the CLI: fla's autotuning kept on disk
 
+from mmmamba.distill.compile import compile_layers, compile_mixers
 from mmmamba.distill.placement import parse_placement
 from mmmamba.distill.stages import (
     EndToEndDistill,
@@ -47,7 +48,6 @@ from mmmamba.distill.stages import (
     enable_checkpointing,
     set_trainable,
 )
-from mmmamba.distill.trainer import compile_mixers
 from mmmamba.models import ATTENTION
 from mmmamba.seed import seed_student
 from mmmamba.teachers.hf import load_teacher
@@ -146,14 +146,15 @@ def run_stage(stage, student, teacher, args, device):
     names = set(set_trainable(student, stage))
     student = student.to(device, torch.float32)
     if stage in (1, 2):
-        module = LayerwiseDistill(student, teacher, gradient_checkpointing=args.grad_ckpt).to(device)
+        module = LayerwiseDistill(student, teacher, gradient_checkpointing=args.grad_ckpt,
+                                  compile=args.compile).to(device)
     else:
         if args.grad_ckpt:
             enable_checkpointing(student)
         module = EndToEndDistill(student, teacher.to(device), chunk_size=args.kl_chunk)
     module.train()
-    if args.compile:  # the mixers' elementwise work fused by inductor (the SSD itself stays fla's)
-        compile_mixers(student)
+    if args.compile:  # as the recipe option `compile`: elementwise work fused by inductor around our kernels
+        compile_mixers(student) if stage in (1, 2) else compile_layers(student) + compile_layers(teacher)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.05, fused=cuda)
     b = args.micro_batch if stage in (1, 2) else args.micro_batch3
@@ -171,9 +172,12 @@ def run_stage(stage, student, teacher, args, device):
         opt.zero_grad(set_to_none=True)
         return loss
 
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
     _sync(device)
+    warm_s = time.perf_counter() - t0
+    print(f"stage {stage}: {args.warmup} warm-up steps took {warm_s:.1f} s (first-use tuning / compiling)", flush=True)
     top = profile_step(step, args.profile) if args.profile and cuda else {}
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -192,6 +196,7 @@ def run_stage(stage, student, teacher, args, device):
         "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
         "layer_types": "".join("A" if t == ATTENTION else "M" for t in student.config.layer_types),
         "ssd_backward": os.environ.get("MMMAMBA_SSD_BACKWARD", "auto"), "compile": args.compile, "profile": top,
+        "warmup_s": warm_s,
     }
     return res
 
@@ -210,7 +215,7 @@ def main():
     ap.add_argument("--kl-chunk", type=int, default=1024)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each Mamba-2 mixer's forward")
+    ap.add_argument("--compile", action="store_true", help="as the recipe option `compile` (torch.compile per layer)")
     ap.add_argument("--profile", type=int, default=0, help="print the N kernels taking most time in one step")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only for a quick correctness dry run")
     args = ap.parse_args()
@@ -236,6 +241,12 @@ def main():
             results.append(run_stage(stage, student, t_bf16, args, device))
         except torch.cuda.OutOfMemoryError:
             results.append({"stage": stage, "error": "OOM"})
+        r = results[-1]
+        if "error" not in r:
+            print(f"stage {stage}: {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f} %", flush=True)
+        if args.json:  # after every stage: a run cut short keeps what it measured
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "device": name, "results": results}, fh, indent=2)
         del student, t_bf16
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -249,9 +260,6 @@ def main():
         print(f"{r['stage']:>5} {r['layer_types']:>32} {r['micro_batch']:>3} {r['tokens_per_s']:>10,.0f} "
               f"{r['gflop_per_token']:>9.3f} {r['tflop_s']:>8.1f} {100 * r['mfu']:>5.1f}% {r['peak_mem_gib']:>8.2f} "
               f"{r['trainable_params']:>11,}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "device": name, "results": results}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,6 @@ def test_layerwise_feeds_teacher_inputs_and_sdpa_targets(tiny_teacher):
     student = seed_student(tiny_teacher, None)
     module = LayerwiseDistill(student, tiny_teacher)
     ids = _ids()
-    r_ref, y_ref = _teacher_capture(tiny_teacher, ids)
     seen_r, seen_y = {}, {}
     for i, layer in enumerate(student.model.layers):
         mixer = layer.mixer
@@ -106,14 +105,19 @@ def test_layerwise_feeds_teacher_inputs_and_sdpa_targets(tiny_teacher):
             return _orig(u, mask, state)
 
         mixer.heads = heads
-        t_orig = module.teacher_attn[str(i)].heads
+    t_layers = module.teacher.model.layers
+    r_ref, y_ref = _teacher_capture(tiny_teacher, ids)  # also captures what the module's teacher path gives
+    for i in range(4):
+        t_orig = t_layers[i].mixer.heads
 
         def t_heads(*a, _orig=t_orig, _i=i, **k):
             seen_y[_i] = _orig(*a, **k)
             return seen_y[_i]
 
-        module.teacher_attn[str(i)].heads = t_heads
+        t_layers[i].mixer.heads = t_heads
     module(ids)
+    for layer in t_layers:
+        del layer.mixer.heads
     for i in range(4):  # every Mamba-2 layer gets exactly the teacher's input for that layer
         assert torch.allclose(seen_r[i], r_ref[i], atol=1e-6, rtol=1e-5), i
         assert torch.allclose(seen_y[i], y_ref[i], atol=1e-6, rtol=1e-5), i
@@ -127,7 +131,7 @@ def test_stage1_loss_is_zero_when_mixer_reproduces_target(tiny_teacher, target):
     pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
     cos, sin = student.model.rotary[0](pos, torch.float32)
     for i, layer in enumerate(student.model.layers):
-        attn = module.teacher_attn[str(i)]
+        attn = module.teacher.model.layers[i].mixer
         layer.mixer.heads = lambda u, mask=None, state=None, a=attn: a.heads(u, cos, sin, None)
     loss, m = module(ids)
     assert loss.item() == 0.0 and torch.equal(m["layer_mse"], torch.zeros(4))
@@ -175,18 +179,20 @@ def test_stage2_teacher_path_stays_frozen(tiny_teacher):
     student = seed_student(tiny_teacher, None)
     set_trainable(student, 2)
     module = LayerwiseDistill(student, tiny_teacher)
-    before = {k: v.clone() for k, v in module.teacher_attn.state_dict().items()}
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     q_before = student.model.layers[0].mixer.q_proj.weight.clone()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
-    assert not any(p.requires_grad for p in module.teacher_attn.parameters())
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == {
+        "student." + n for n in trainable_parameter_names(student, 2)}
     loss, _ = module(_ids())
     loss.backward()
     opt.step()
-    assert all(torch.equal(before[k], v) for k, v in module.teacher_attn.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in module.teacher.state_dict().items())
     assert not torch.equal(q_before, student.model.layers[0].mixer.q_proj.weight)
-    # the target copy is independent of the teacher model it came from
-    copy_w, orig_w = module.teacher_attn["0"].q_proj.weight, tiny_teacher.model.layers[0].mixer.q_proj.weight
-    assert copy_w.data_ptr() != orig_w.data_ptr()
+    # the student's W_Q is its own tensor, not the teacher's
+    s_w, t_w = student.model.layers[0].mixer.q_proj.weight, tiny_teacher.model.layers[0].mixer.q_proj.weight
+    assert s_w.data_ptr() != t_w.data_ptr()
 
 
 def test_layerwise_gradient_checkpointing_same_loss_and_grads(tiny_teacher):

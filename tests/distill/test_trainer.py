@@ -380,13 +380,15 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     assert len(asked) == 1 and len(said) == 2
 
 
-def test_compile_mixers_option_compiles_each_mamba_mixer_once(tmp_path, monkeypatch):
-    """`compile_mixers: true` wraps every Mamba-2 mixer's per-head path with torch.compile (dynamic shapes) before
-    training; here torch.compile is replaced by a recorder (its numerics are torch's; measured on the GPU)."""
+def test_compile_option_compiles_teacher_step_mixers_and_layers(tmp_path, monkeypatch):
+    """`compile: true`: stages 1-2 compile the teacher's layer step once and every Mamba-2 mixer's per-head path;
+    stage 3 every student and teacher layer. torch.compile is replaced by a recorder here; the compiled numerics
+    are checked against eager in tests/distill/test_compile.py."""
     compiled = []
 
     def fake_compile(fn, **kw):
-        compiled.append((fn.__self__.layer_idx, kw))
+        owner = getattr(fn, "__self__", None)
+        compiled.append(type(owner).__name__ if owner is not None else fn.__name__)
 
         def wrapper(*a, **k):
             return fn(*a, **k)
@@ -396,13 +398,17 @@ def test_compile_mixers_option_compiles_each_mamba_mixer_once(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     _teacher(tmp_path / "t")
-    r = _recipe(tmp_path / "t", tmp_path / "o", steps=2, compile_mixers=True)
-    out = StageRunner(r, 1, data=_batches(2), **QUIET).run()
-    assert [i for i, _ in compiled] == [0, 1, 2, 3] and all(kw == {"dynamic": True} for _, kw in compiled)
+    r = _recipe(tmp_path / "t", tmp_path / "o", steps=2, compile=True)
+    StageRunner(r, 1, data=_batches(2), **QUIET).run()
+    assert compiled == ["stream_layer"] + ["Mamba2Mixer"] * 4
+    compiled.clear()
+    StageRunner(r, 2, data=_batches(2), **QUIET).run()
+    out = StageRunner(r, 3, data=_batches(2), **QUIET).run()
+    assert compiled == ["stream_layer"] + ["Mamba2Mixer"] * 4 + ["DecoderLayer"] * 8
     assert (out / "model.safetensors").exists()
-    from mmmamba.distill.trainer import compile_mixers
+    from mmmamba.distill.compile import compile_mixers
 
     model = MMMambaForCausalLM.from_pretrained(out)
-    assert compile_mixers(model) == 4 and compile_mixers(model) == 0  # never twice
-    with pytest.raises(Exception, match="compile_mixers"):
-        parse_recipe({"teacher": "t", "output_dir": "o", "defaults": {"compile_mixers": "sometimes"}})
+    assert compile_mixers(model) == 2 and compile_mixers(model) == 0  # every:2 leaves 2 mixers; never twice
+    with pytest.raises(Exception, match="compile"):
+        parse_recipe({"teacher": "t", "output_dir": "o", "defaults": {"compile": "sometimes"}})

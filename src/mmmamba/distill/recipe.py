@@ -39,7 +39,7 @@ COMMON_DEFAULTS = dict(
     weight_decay=0.05, betas=[0.9, 0.999], eps=1e-8, grad_clip=5.0, warmup=0.1, decay=0.1, decay_type="cosine",
     min_lr_ratio=0.0, steps=20000, seq_len=8192, gradient_checkpointing=False, log_every=10, save_every=1000,
     keep_checkpoints=2, train_a=False, trainable=None, input=None, input_stage=None, data=None, grad_accum=None,
-    placement_batches=16, compile_mixers=False,
+    placement_batches=16, compile=False,
 )
 STAGE_DEFAULTS = {
     1: dict(lr=1e-3, batch_size=128, micro_batch_size=2, loss=dict(target="heads", factor=1000.0)),
@@ -70,7 +70,7 @@ class StageConfig:
     decay_type: str
     min_lr_ratio: float
     gradient_checkpointing: bool
-    compile_mixers: bool  # torch.compile each Mamba-2 mixer's remaining elementwise work (see trainer)
+    compile: bool  # torch.compile the per-layer work (GPU): teacher layers, Mamba-2 mixers (see trainer)
     log_every: int
     save_every: int
     keep_checkpoints: int
@@ -213,7 +213,7 @@ def _stage(stage: int, raw: dict, defaults: dict, where: str) -> StageConfig:
         decay_type=str(merged["decay_type"]),
         min_lr_ratio=_num(merged["min_lr_ratio"], f"{w}.min_lr_ratio", nonneg=True),
         gradient_checkpointing=_bool(merged["gradient_checkpointing"], f"{w}.gradient_checkpointing"),
-        compile_mixers=_bool(merged["compile_mixers"], f"{w}.compile_mixers"),
+        compile=_bool(merged["compile"], f"{w}.compile"),
         log_every=_num(merged["log_every"], f"{w}.log_every", int, positive=True),
         save_every=_num(merged["save_every"], f"{w}.save_every", int, positive=True),
         keep_checkpoints=_num(merged["keep_checkpoints"], f"{w}.keep_checkpoints", int, nonneg=True),

@@ -1,8 +1,8 @@
 """What each distillation stage trains and how its loss is computed (METHOD.md §3).
 
 Stage 1 / 2 (`LayerwiseDistill`): ONE forward pass over the decoder in which the residual stream is the
-teacher's. At every Mamba-2 layer i the student mixer and the teacher attention (frozen copies of the teacher's
-projections, SDPA / flash attention, never an L x L score matrix built here) read the same normed input r_i;
+teacher's. At every Mamba-2 layer i the student mixer and the teacher attention (the frozen teacher's own layer in
+its own dtype, SDPA / flash attention, never an L x L score matrix built here) read the same normed input r_i;
 the loss compares their per-head outputs before W_O (or the outputs after W_O), and the TEACHER output
 o_proj(y_t) is what the residual stream carries on into the MLP and the next layer. Every Mamba-2 layer thus
 receives exactly the teacher's input for that layer, and all of them train in parallel.
@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers.attention import Attention
 from ..models import ATTENTION, MAMBA2, MMMambaForCausalLM
+from .compile import allow_recompiles
 from .losses import kl_ce_loss, kl_positions, layerwise_loss, masked_mse
 
 # Mixer sub-modules / parameters trained in each stage (names relative to `model.layers.{i}.mixer.`).
@@ -107,10 +108,12 @@ class LayerwiseDistill(nn.Module):
     """Stages 1-2. forward(input_ids, attention_mask, pixel_values) -> (loss, {"layer_mse": (n_mamba,)}).
 
     target: "heads" (per-head outputs before W_O, the authors' choice) or "output" (after W_O).
-    factor: loss = factor x mean over Mamba-2 layers of the MSE (1000 in the paper)."""
+    factor: loss = factor x mean over Mamba-2 layers of the MSE (1000 in the paper).
+    compile: torch.compile the teacher's per-layer step (one graph for every layer: norms, RoPE, residual adds and
+    the MLP's SiLU-product fused around the matmuls and SDPA). The teacher is a frozen submodule."""
 
     def __init__(self, student: MMMambaForCausalLM, teacher: MMMambaForCausalLM, target: str = "heads",
-                 factor: float = 1000.0, gradient_checkpointing: bool = False):
+                 factor: float = 1000.0, gradient_checkpointing: bool = False, compile: bool = False):
         super().__init__()
         if target not in ("heads", "output"):
             raise ValueError(f"layer-wise target {target!r} unknown; use 'heads' (before W_O) or 'output'")
@@ -119,13 +122,15 @@ class LayerwiseDistill(nn.Module):
         self.mamba_layers = list(student.config.mamba_layers)
         if not self.mamba_layers:
             raise ValueError("layer-wise distillation needs at least one Mamba-2 layer in the student")
-        # frozen copies of the teacher's attention (q/k/v/o) for every Mamba-2 layer: the target path
-        self.teacher_attn = nn.ModuleDict()
         for i in self.mamba_layers:
-            t = teacher.model.layers[i].mixer
-            if not isinstance(t, Attention):
+            if not isinstance(teacher.model.layers[i].mixer, Attention):
                 raise ValueError(f"teacher layer {i} is not an attention layer; cannot produce its target")
-            self.teacher_attn[str(i)] = copy.deepcopy(t).requires_grad_(False)
+        # The residual stream and the targets come from the frozen teacher itself, in its own dtype (bf16 on GPU:
+        # no fp32 master weights on this path, so no casts and half the activation traffic).
+        self.teacher = teacher.requires_grad_(False).eval()
+        if compile:
+            allow_recompiles(2 * len(teacher.model.layers) + 8)
+        self._stream = torch.compile(stream_layer) if compile else stream_layer
 
     def _student_loss(self, mixer, pad_mask, loss_mask, r, target):
         y = mixer.heads(r, pad_mask)
@@ -133,38 +138,44 @@ class LayerwiseDistill(nn.Module):
             y = mixer.o_proj(y.reshape(*r.shape[:2], -1))
         return masked_mse(y, target, loss_mask)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def forward(self, input_ids, attention_mask=None, pixel_values=None, **_unused):
-        model = self.student.model
+        teacher = self.teacher.model
         with torch.no_grad():
-            h = model.embed(input_ids, pixel_values)
-        b, l, _ = h.shape
-        ctx, _ = model.context(b, l, h.device, h.dtype, _compute_mask(attention_mask), None, None)
+            h = teacher.embed(input_ids, pixel_values)
+            b, l, _ = h.shape
+            ctx, _ = teacher.context(b, l, h.device, h.dtype, _compute_mask(attention_mask), None, None)
         loss_mask = None if attention_mask is None else attention_mask.bool()
         per_layer = []
-        for i, layer in enumerate(model.layers):
+        for layer, t_layer in zip(self.student.model.layers, teacher.layers):
+            cos, sin = ctx.rope[t_layer.rope_index]
             with torch.no_grad():
-                r = layer.input_layernorm(h)
-            if layer.layer_type == MAMBA2:
-                attn = self.teacher_attn[str(i)]
-                cos, sin = ctx.rope[layer.rope_index]
-                with torch.no_grad():
-                    y_t = attn.heads(r, cos, sin, ctx.attn_mask)
-                    o_t = attn.o_proj(y_t.reshape(b, l, -1))
-                fn = partial(self._student_loss, layer.mixer, ctx.pad_mask, loss_mask)
-                tgt = y_t if self.target == "heads" else o_t
-                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                    per_layer.append(checkpoint(fn, r, tgt, use_reentrant=False))
-                else:
-                    per_layer.append(fn(r, tgt))
-                with torch.no_grad():
-                    h = h + o_t  # the teacher's output goes on
+                r, y_t, o_t, h = self._stream(t_layer, h, cos, sin, ctx.attn_mask)
+            if layer.layer_type != MAMBA2:
+                continue
+            fn = partial(self._student_loss, layer.mixer, ctx.pad_mask, loss_mask)
+            tgt = y_t if self.target == "heads" else o_t
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                per_layer.append(checkpoint(fn, r, tgt, use_reentrant=False))
             else:
-                with torch.no_grad():
-                    h = h + layer.mix(r, ctx)
-            with torch.no_grad():
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                per_layer.append(fn(r, tgt))
         loss = layerwise_loss(per_layer, self.factor)
         return loss, {"layer_mse": torch.stack([x.detach().float() for x in per_layer])}
+
+
+def stream_layer(layer, h, cos, sin, attn_mask):
+    """One teacher decoder layer, unpacked for the layer-wise stages: returns r = norm(h) (the mixer input),
+    y (b, l, h, d) the per-head attention output before W_O, o = W_O y, and the layer's output
+    h + o + MLP(norm(h + o))."""
+    r = layer.input_layernorm(h)
+    y = layer.mixer.heads(r, cos, sin, attn_mask)
+    o = layer.mixer.o_proj(y.reshape(*h.shape[:2], -1))
+    h = h + o
+    return r, y, o, h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 class EndToEndDistill(nn.Module):

@@ -38,6 +38,7 @@ from torch import nn
 
 from ..io import atomic_dir, atomic_write_text
 from ..models import MAMBA2, MMMambaForCausalLM
+from .compile import compile_layers, compile_mixers
 from .manifest import (
     ChainError,
     chain_after,
@@ -609,7 +610,8 @@ class StageRunner:
         loss_cfg = cfg.loss
         if stage in (1, 2):
             module = LayerwiseDistill(student, teacher.to(tdtype), target=loss_cfg["target"],
-                                      factor=loss_cfg["factor"], gradient_checkpointing=cfg.gradient_checkpointing)
+                                      factor=loss_cfg["factor"], gradient_checkpointing=cfg.gradient_checkpointing,
+                                      compile=cfg.compile)
             del teacher
             teacher = None
         else:
@@ -620,9 +622,14 @@ class StageRunner:
                                      positions=loss_cfg["positions"], ce_weight=loss_cfg["ce_weight"],
                                      chunk_size=loss_cfg["chunk_size"])
         module.train()
-        if cfg.compile_mixers:
-            n = compile_mixers(student)
-            self.log(f"stage {stage}: torch.compile on {n} Mamba-2 mixers (first steps compile)")
+        if cfg.compile:
+            if stage == 3:
+                n = compile_layers(student) + compile_layers(teacher)
+                self.log(f"stage {stage}: torch.compile on {n} student and teacher layers (first steps compile)")
+            else:
+                n = compile_mixers(student)
+                self.log(f"stage {stage}: torch.compile on the teacher's layer step and {n} Mamba-2 mixers "
+                         "(first steps compile)")
         self._choose_kernels(student, acc.device, torch.bfloat16 if precision == "bf16" else torch.float32)
         module = acc.prepare(module)
         optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda")
@@ -829,19 +836,6 @@ class StageRunner:
             if self.cfg.keep_checkpoints == 0:
                 shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         acc.wait_for_everyone()
-
-
-def compile_mixers(model) -> int:
-    """torch.compile the per-head path (`heads`) of every Mamba-2 mixer, with dynamic sequence lengths: inductor
-    fuses what is left between the mixer's own kernels (softplus, splits, repeats, masks); the SSD, conv + SiLU and
-    gated norm keep theirs, outside the graphs. Returns how many mixers were compiled."""
-    n = 0
-    for layer in model.model.layers:
-        mixer = layer.mixer
-        if layer.layer_type == MAMBA2 and not hasattr(mixer.heads, "_torchdynamo_orig_callable"):
-            mixer.heads = torch.compile(mixer.heads, dynamic=True)
-            n += 1
-    return n
 
 
 # --------------------------------------------------------------------------------------------- FSDP helpers
