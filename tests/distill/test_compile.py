@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmmamba.distill.compile import compile_layers
-from mmmamba.distill.stages import EndToEndDistill, LayerwiseDistill, apply_placement, set_trainable
+from mmmamba.distill.stages import (
+    EndToEndDistill,
+    LayerwiseDistill,
+    apply_placement,
+    enable_checkpointing,
+    set_trainable,
+)
 from mmmamba.seed import seed_student
 
 
@@ -39,13 +46,17 @@ def test_compiled_teacher_stream_matches_eager(tiny_teacher):
     _close(*runs)
 
 
-def test_compiled_layers_match_eager_in_stage3(tiny_teacher):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_match_eager_in_stage3(tiny_teacher, checkpointing):
     torch._dynamo.reset()
     ids = _ids(seed=1)
     runs = []
     for compiled in (False, True):
         student = apply_placement(seed_student(tiny_teacher, None), tiny_teacher, [1])
         set_trainable(student, 3)
+        if checkpointing:  # the compiled forward runs inside transformers' checkpointing wrapper, and is recomputed
+            enable_checkpointing(student)
+            student.train()
         if compiled:
             assert compile_layers(student) == 4 and compile_layers(tiny_teacher) == 4
         runs.append(_loss_and_grads(EndToEndDistill(student, tiny_teacher, positions="all"), ids, None, ids))
