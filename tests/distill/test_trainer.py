@@ -376,8 +376,14 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     assert asked == [(d, d, torch.device("cuda", 0), h)] and checked == [(d, torch.bfloat16, 0), (k, torch.bfloat16)]
     assert "128-wide tiles" in said[0]
     assert "gated RMSNorm: fused Triton kernels" in said[1] and "conv + SiLU: torch ops" in said[1]
+    assert "teacher stream" not in said[1]
+    from mmmamba.distill import stream
+
+    monkeypatch.setattr(stream, "fused_norm_ok", lambda dtype, index: checked.append(("stream", dtype)) or True)
+    runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16, torch.bfloat16)  # stages 1-2
+    assert checked[-1] == ("stream", torch.bfloat16) and "teacher stream add + RMSNorm: fused" in said[-1]
     runner._choose_kernels(student, torch.device("cpu"), torch.float32)  # nothing to choose on the CPU
-    assert len(asked) == 1 and len(said) == 2
+    assert len(asked) == 2 and len(said) == 4
 
 
 def test_compile_option_compiles_teacher_step_mixers_and_layers(tmp_path, monkeypatch):

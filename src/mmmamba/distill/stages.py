@@ -25,6 +25,7 @@ from ..layers.attention import Attention
 from ..models import ATTENTION, MAMBA2, MMMambaForCausalLM
 from .compile import allow_recompiles
 from .losses import kl_ce_loss, kl_positions, layerwise_loss, masked_mse
+from .stream import stream_layer
 
 # Mixer sub-modules / parameters trained in each stage (names relative to `model.layers.{i}.mixer.`).
 # Stage 1 (PAPER Eq. 3 + dt_bias and the gate norm, METHOD.md §3.1): the new SSM parameters.
@@ -109,8 +110,9 @@ class LayerwiseDistill(nn.Module):
 
     target: "heads" (per-head outputs before W_O, the authors' choice) or "output" (after W_O).
     factor: loss = factor x mean over Mamba-2 layers of the MSE (1000 in the paper).
-    compile: torch.compile the teacher's per-layer step (one graph for every layer: norms, RoPE, residual adds and
-    the MLP's SiLU-product fused around the matmuls and SDPA). The teacher is a frozen submodule."""
+    compile: torch.compile the teacher's per-layer step (`stream.stream_layer`; one graph for every layer: norms,
+    RoPE, residual adds and the MLP's SiLU-product fused around the matmuls and SDPA). The teacher is a frozen
+    submodule."""
 
     def __init__(self, student: MMMambaForCausalLM, teacher: MMMambaForCausalLM, target: str = "heads",
                  factor: float = 1000.0, gradient_checkpointing: bool = False, compile: bool = False):
@@ -165,17 +167,6 @@ class LayerwiseDistill(nn.Module):
                 per_layer.append(fn(r, tgt))
         loss = layerwise_loss(per_layer, self.factor)
         return loss, {"layer_mse": torch.stack([x.detach().float() for x in per_layer])}
-
-
-def stream_layer(layer, h, cos, sin, attn_mask):
-    """One teacher decoder layer, unpacked for the layer-wise stages: returns r = norm(h) (the mixer input),
-    y (b, l, h, d) the per-head attention output before W_O, o = W_O y, and the layer's output
-    h + o + MLP(norm(h + o))."""
-    r = layer.input_layernorm(h)
-    y = layer.mixer.heads(r, cos, sin, attn_mask)
-    o = layer.mixer.o_proj(y.reshape(*h.shape[:2], -1))
-    h = h + o
-    return r, y, o, h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 class EndToEndDistill(nn.Module):

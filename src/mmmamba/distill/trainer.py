@@ -466,14 +466,16 @@ class StageRunner:
             expected = ["seed"] if self.stage == 1 else [str(self.stage - 1)]
         return path, expected
 
-    def _choose_kernels(self, student, device, dtype: torch.dtype) -> None:
+    def _choose_kernels(self, student, device, dtype: torch.dtype, stream_dtype: torch.dtype | None = None) -> None:
         """On CUDA, pick (and check, once) the mixer's kernels here, before DDP wraps the module, and say which
         ones train: the SSD backward (`ops.ssd_fla`), the fused gated RMSNorm (`ops.gated_norm`) and conv + SiLU
-        (`ops.conv_silu`)."""
+        (`ops.conv_silu`); given `stream_dtype` (stages 1-2), also the teacher stream's fused add + RMSNorm
+        (`distill.stream`)."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
         from ..ops import conv_silu, gated_norm, ssd_fla
         from ..ops.checked import cuda_index
+        from . import stream
 
         cfg = student.config
         if ssd_fla.fla_available():
@@ -484,6 +486,8 @@ class StageRunner:
         index = cuda_index(device)
         fused = {"gated RMSNorm": gated_norm._fused_ok(cfg.head_dim, dtype, index),
                  "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
+        if stream_dtype is not None:
+            fused["teacher stream add + RMSNorm"] = stream.fused_norm_ok(stream_dtype, index)
         self.log("; ".join(f"{name}: " + ("fused Triton kernels (checked against torch)" if ok else "torch ops")
                            for name, ok in fused.items()))
 
@@ -630,7 +634,8 @@ class StageRunner:
                 n = compile_mixers(student)
                 self.log(f"stage {stage}: torch.compile on the teacher's layer step and {n} Mamba-2 mixers "
                          "(first steps compile)")
-        self._choose_kernels(student, acc.device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        self._choose_kernels(student, acc.device, torch.bfloat16 if precision == "bf16" else torch.float32,
+                             tdtype if stage in (1, 2) else None)
         module = acc.prepare(module)
         optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda")
         optimizer = acc.prepare(optimizer)
