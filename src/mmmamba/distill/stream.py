@@ -29,7 +29,7 @@ def stream_layer(layer, h, cos, sin, attn_mask):
 def add_norm(h, delta, norm):
     """(h + delta, norm(h + delta)) for an `RMSNorm` module; delta None: (h, norm(h)). No autograd on the fused
     path: it is for tensors that need no gradient (the frozen teacher's stream)."""
-    if _fused(h, norm):
+    if _fused(h, delta, norm):
         from ..inference import triton_kernels as tk
 
         return tk.add_rmsnorm(h, norm.weight, norm.eps, delta)
@@ -38,9 +38,10 @@ def add_norm(h, delta, norm):
     return h, norm(h)
 
 
-def _fused(h, norm) -> bool:
-    return (h.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and norm.weight.dtype == h.dtype and h.stride(-1) == 1 and fused_norm_ok(h.dtype, cuda_index(h.device)))
+def _fused(h, delta, norm) -> bool:
+    rows_ok = h.stride(-1) == 1 and (delta is None or (delta.stride(-1) == 1 and delta.dtype == h.dtype))
+    return (h.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and rows_ok
+            and norm.weight.dtype == h.dtype and fused_norm_ok(h.dtype, cuda_index(h.device)))
 
 
 def fused_norm_errors(dtype: torch.dtype, device, rows: int = 37, n: int = 300) -> dict[str, float]:
