@@ -480,7 +480,8 @@ class StageRunner:
         cfg = student.config
         if ssd_fla.fla_available():
             mode = ssd_fla.backward_mode(cfg.head_dim, cfg.head_dim, device, cfg.num_attention_heads)
-            self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}")
+            self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}. The first steps tune and compile "
+                     "fla's kernels: minutes on a new machine, kept on disk for later runs")
         else:
             self.log("SSD: chunked torch implementation (fla-core not importable)")
         index = cuda_index(device)
