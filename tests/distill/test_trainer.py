@@ -378,10 +378,13 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     assert "gated RMSNorm: fused Triton kernels" in said[1] and "conv + SiLU: torch ops" in said[1]
     assert "teacher stream" not in said[1]
     from mmmamba.distill import stream
+    from mmmamba.ops import rope
 
     monkeypatch.setattr(stream, "fused_norm_ok", lambda dtype, index: checked.append(("stream", dtype)) or True)
+    monkeypatch.setattr(rope, "fused_ok", lambda dtype, index: checked.append(("rope", dtype)) or True)
     runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16, torch.bfloat16)  # stages 1-2
-    assert checked[-1] == ("stream", torch.bfloat16) and "teacher stream add + RMSNorm: fused" in said[-1]
+    assert checked[-2:] == [("stream", torch.bfloat16), ("rope", torch.bfloat16)]
+    assert "teacher stream add + RMSNorm: fused" in said[-1] and "teacher RoPE: fused" in said[-1]
     runner._choose_kernels(student, torch.device("cpu"), torch.float32)  # nothing to choose on the CPU
     assert len(asked) == 2 and len(said) == 4
 

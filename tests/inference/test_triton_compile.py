@@ -123,6 +123,10 @@ def test_other_kernels_compile(tk):
                      {"w_ptr": "*fp32", "dw_ptr": "*fp32", "eps": "fp32"}, dict(D=d, BH=bh, BR=16))
         assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d}: spills"
     _compile(tk._silu_mul_kernel, {"gu_ptr": f"*{dt}", "o_ptr": f"*{dt}"}, dict(BLOCK=2048))
+    from mmmamba.ops import rope  # fused RoPE (prefill, frozen teacher streams)
+
+    for d2, bh in ((32, 16), (64, 16)):
+        _compile(rope._rope_kernel, {n: f"*{dt}" for n in ("x_ptr", "c_ptr", "s_ptr", "o_ptr")}, dict(D2=d2, BH=bh))
     _compile(tk._conv_silu_prefill_kernel, {n: f"*{dt}" for n in ("z_ptr", "st_ptr", "w_ptr", "b_ptr", "m_ptr",
                                                                   "o_ptr")},
              dict(KC=2, HAS_STATE=True, HAS_MASK=True, HAS_BIAS=True, BT=16, BC=128))

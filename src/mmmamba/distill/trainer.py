@@ -470,10 +470,10 @@ class StageRunner:
         """On CUDA, pick (and check, once) the mixer's kernels here, before DDP wraps the module, and say which
         ones train: the SSD backward (`ops.ssd_fla`), the fused gated RMSNorm (`ops.gated_norm`) and conv + SiLU
         (`ops.conv_silu`); given `stream_dtype` (stages 1-2), also the teacher stream's fused add + RMSNorm
-        (`distill.stream`)."""
+        (`distill.stream`) and RoPE (`ops.rope`)."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
-        from ..ops import conv_silu, gated_norm, ssd_fla
+        from ..ops import conv_silu, gated_norm, rope, ssd_fla
         from ..ops.checked import cuda_index
         from . import stream
 
@@ -489,6 +489,7 @@ class StageRunner:
                  "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
         if stream_dtype is not None:
             fused["teacher stream add + RMSNorm"] = stream.fused_norm_ok(stream_dtype, index)
+            fused["teacher RoPE"] = rope.fused_ok(stream_dtype, index)
         self.log("; ".join(f"{name}: " + ("fused Triton kernels (checked against torch)" if ok else "torch ops")
                            for name, ok in fused.items()))
 

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.rope import apply_rope, rope_inv_freq
+from ..layers.rope import rope_inv_freq
 from ..models.config import ATTENTION
 from ..ops import causal_conv1d, ssd
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
+from ..ops.rope import apply_rope, apply_rope_ref
 from .generate import _eos_ids, sample_next
 from .static_cache import StaticCache
 
@@ -380,7 +381,8 @@ class Engine:
         k = k.view(b, l, kv, d).transpose(1, 2)
         v = v.view(b, l, kv, d).transpose(1, 2)
         cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rot = apply_rope if self._fast_prefill else apply_rope_ref  # kernels="torch": torch ops throughout
+        q, k = rot(q, cos, sin), rot(k, cos, sin)
         kc, vc = self.cache.k[p.idx], self.cache.v[p.idx]
         kc[:, :, s:e] = k
         vc[:, :, s:e] = v
@@ -475,8 +477,8 @@ class Engine:
                     emb = torch.cat([freqs, freqs], dim=-1)
                     rope_cache[key] = (emb.cos().to(self.dtype)[:, None], emb.sin().to(self.dtype)[:, None])
                 cos, sin = rope_cache[key]
-                q = apply_rope(q.view(b, h_, 1, d), cos, sin)  # (b, h, 1, d)
-                k = apply_rope(k.view(b, kv, 1, d), cos, sin)
+                q = apply_rope_ref(q.view(b, h_, 1, d), cos, sin)  # (b, h, 1, d)
+                k = apply_rope_ref(k.view(b, kv, 1, d), cos, sin)
                 kc, vc = c.k[p.idx], c.v[p.idx]
                 kc.index_copy_(2, c.length.view(1), k)
                 vc.index_copy_(2, c.length.view(1), v.view(b, kv, 1, d))

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..ops.rope import apply_rope  # noqa: F401  (the layers' entry point: fused on CUDA without grad)
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """inv_freq_i = theta^(-2i/d), optionally rescaled ("linear" or "llama3" rope_type)."""
@@ -51,13 +53,3 @@ class RotaryEmbedding(nn.Module):
         freqs = position_ids.float().unsqueeze(-1) * inv.to(position_ids.device)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (b, heads, l, d); cos/sin (b, l, d)."""
-    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
