@@ -3,27 +3,10 @@
 # Teacher: SmolLM2-135M config + tokenizer with random weights (TEACHER_SRC), data: pydoc topics (offline).
 # Usage on a 2-GPU machine: OUT=dir TEACHER_SRC=.carry/smol bash scripts/gpu/ddp_agreement.sh
 set -eu
-cd "$(dirname "$0")/../.."
-# On a fresh machine the 1-GPU run starts with minutes of Triton autotuning / compiling of fla's SSD kernels (kept
-# on disk with TRITON_CACHE_AUTOTUNING=1); the 2-process run then reuses them. Allow ~8 minutes in all.
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRITON_CACHE_AUTOTUNING=1
-W=/tmp/ddp; rm -rf $W; mkdir -p $W
-python scripts/gpu/make_random_teacher.py "${TEACHER_SRC:-.carry/smol}" $W/teacher
-recipe() {  # $1 = output dir
-cat <<YAML
-name: ddp_check
-teacher: $W/teacher
-output_dir: $1
-placement: every:4
-precision: bf16
-data: {sources: [{type: pydoc}], text_mode: pack, max_length: 512, shuffle: true}
-defaults: {steps: ${STEPS:-40}, seq_len: 512, batch_size: 16, micro_batch_size: 8, log_every: 1, save_every: 1000}
-stages: {1: {lr: 1.0e-3}, 2: {lr: 5.0e-4}, 3: {lr: 5.0e-5, loss: {positions: all}}}
-YAML
-}
-recipe $W/one > $W/one.yaml
-recipe $W/two > $W/two.yaml
+W=/tmp/ddp STEPS=${STEPS:-40}
+source "$(dirname "$0")/agreement_setup.sh"
+recipe $W/one ddp > $W/one.yaml
+recipe $W/two ddp > $W/two.yaml
 O="${OUT:-/tmp}"
 trap 'cp $W/one.log $W/two.log "$O"/ 2>/dev/null || true' EXIT   # keep both logs, also on failure or timeout
 python -m mmmamba.cli distill $W/one.yaml --no-progress > $W/one.log 2>&1

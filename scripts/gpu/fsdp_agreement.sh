@@ -4,24 +4,8 @@
 # Teacher: SmolLM2-135M config + tokenizer with random weights (TEACHER_SRC), data: pydoc topics (offline).
 # Usage on a 2-GPU machine: OUT=dir TEACHER_SRC=.carry/smol STEPS=12 bash scripts/gpu/fsdp_agreement.sh
 set -eu
-cd "$(dirname "$0")/../.."
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  TRITON_CACHE_AUTOTUNING=1
-W=/tmp/fsdp; rm -rf $W; mkdir -p $W
-python scripts/gpu/make_random_teacher.py "${TEACHER_SRC:-.carry/smol}" $W/teacher
-recipe() {  # $1 = output dir, $2 = ddp | fsdp, $3 = stage-3 input folder (optional)
-cat <<YAML
-name: fsdp_check
-teacher: $W/teacher
-output_dir: $1
-placement: every:4
-precision: bf16
-distributed: $2
-data: {sources: [{type: pydoc}], text_mode: pack, max_length: 512, shuffle: true}
-defaults: {steps: ${STEPS:-12}, seq_len: 512, batch_size: 16, micro_batch_size: 8, log_every: 1, save_every: 1000}
-stages: {1: {lr: 1.0e-3}, 2: {lr: 5.0e-4}, 3: {lr: 5.0e-5, loss: {positions: all}${3:+, input: $3}}}
-YAML
-}
+W=/tmp/fsdp STEPS=${STEPS:-12}
+source "$(dirname "$0")/agreement_setup.sh"
 recipe $W/one ddp > $W/one.yaml
 recipe $W/two fsdp $W/one/stage2 > $W/two.yaml
 O="${OUT:-/tmp}"
