@@ -13,6 +13,11 @@ def cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp32: how far a fast path's output is from its reference b."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
 def passes_check(what: str, errors: Callable[[], dict[str, float]], tolerance: float, fallback: str) -> bool:
     """Run `errors()` (relative errors of the fast path against its reference) in full precision with autograd on,
     whatever context the first training step runs in. True when every error is within `tolerance`; otherwise (or

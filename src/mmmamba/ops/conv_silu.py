@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .checked import cuda_index, passes_check
+from .checked import cuda_index, passes_check, rel_error
 from .conv import causal_conv1d
 
 try:
@@ -156,8 +156,7 @@ def fused_errors(k: int, dtype: torch.dtype, device, has_bias: bool = True, L: i
         return [y.detach()] + [t.grad for t in leaves if t is not None]
 
     got, want = run(ConvSiLUFn.apply), run(conv_silu_ref)
-    rel = [((a.float() - r.float()).norm() / r.float().norm().clamp_min(1e-30)).item() for a, r in zip(got, want)]
-    return dict(zip(("y", "dx", "dw", "db"), rel))
+    return dict(zip(("y", "dx", "dw", "db"), map(rel_error, got, want)))
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .checked import cuda_index, passes_check
+from .checked import cuda_index, passes_check, rel_error
 
 try:
     import triton
@@ -159,8 +159,7 @@ def fused_errors(head_dim: int, dtype: torch.dtype, device, heads: int = 3, rows
         return [y.detach(), xs.grad, zs.grad, ws.grad]
 
     got, want = run(GatedRMSNormFn.apply), run(gated_rmsnorm_ref)
-    rel = [((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item() for a, b in zip(got, want)]
-    return dict(zip(("y", "dx", "dg", "dw"), rel))
+    return dict(zip(("y", "dx", "dg", "dw"), map(rel_error, got, want)))
 
 
 @functools.cache

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .checked import cuda_index, passes_check
+from .checked import cuda_index, passes_check, rel_error
 
 try:
     import triton
@@ -89,7 +89,7 @@ def fused_errors(dtype: torch.dtype, device, b: int = 2, heads: int = 3, l: int 
     ang = torch.rand(b, l, d // 2, device=device, generator=gen) * 100
     cos, sin = (torch.cat([f(ang)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
     got, want = fused_rope(x, cos, sin), apply_rope_ref(x, cos, sin)
-    return {"y": ((got.float() - want.float()).norm() / want.float().norm()).item()}
+    return {"y": rel_error(got, want)}
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from .checked import cuda_index, passes_check
+from .checked import cuda_index, passes_check, rel_error
 
 MODE_NOTES = {
     "native": "fla-core's own",
@@ -124,10 +124,6 @@ def forward(x, dt, A, B, C, S0):
     return simple_gla()(*gla_inputs(x, dt, A, B, C), scale=1.0, initial_state=S0, output_final_state=True)
 
 
-def _rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
 def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[str, float]:
     """Relative errors of the bk128 gradients (bf16 inputs) against the torch chunked reference in fp32."""
     from .ssd import ssd_chunked
@@ -155,7 +151,7 @@ def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[s
     errs = {}
     for init, names in ((None, ("dx", "ddt", "dB", "dC")), (S0, ("dx|S0", "ddt|S0", "dB|S0", "dC|S0", "dS0"))):
         got, want = grads(fast, x, dt, B, C, init), grads(ref, x, dt, B, C, init)  # training: no initial state
-        errs.update({n: _rel(a, b) for n, a, b in zip(names, got, want)})
+        errs.update({n: rel_error(a, b) for n, a, b in zip(names, got, want)})
     return errs
 
 
