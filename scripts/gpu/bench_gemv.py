@@ -1,5 +1,6 @@
 """Bandwidth of the decode step's matrix-vector kernel (`inference.triton_kernels.gemv`, one row) for every block
-configuration the tuner may pick, at HoVLE-2.6B shapes, next to cuBLAS (`F.linear`) and the copy bandwidth.
+configuration the tuner may pick (the tiled kernel and the persistent whole-row one), at HoVLE-2.6B shapes, next
+to cuBLAS (`F.linear`) and the copy bandwidth.
 
     PYTHONPATH=src python scripts/gpu/bench_gemv.py [--json F]
 
@@ -42,8 +43,10 @@ def run_gemv(kind, x, w, out, aux):
     return tk.gemv(x, w, out, epi=2, parts=aux["parts"])
 
 
-def allowed(kind, cfg) -> bool:
+def allowed(kind, cfg, k) -> bool:
     bn, bk = cfg[0], cfg[1]
+    if bk == 0:  # the persistent whole-row kernel: plain, residual and RMSNorm-prologue gemvs that fit registers
+        return kind in ("pro1", "dual", "res") and tk.rows_fit(bn, cfg[2], k, kind == "dual")
     return not ((kind == "pro2" and bk % D) or (kind == "argmax" and bn < tk.EPI2_MIN_BLOCK_N))
 
 
@@ -67,7 +70,7 @@ def main():
         nbytes = w.numel() * w.element_size()
         rows_out = []
         for cfg in tk._B1_CONFIGS:
-            if not allowed(kind, cfg):
+            if not allowed(kind, cfg, k):
                 continue
             os.environ["MMMAMBA_GEMV_CONFIG"] = ",".join(map(str, cfg))
             call = functools.partial(run_gemv, kind, x, w, out, aux)

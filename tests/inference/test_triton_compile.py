@@ -62,8 +62,8 @@ def test_gemv_compiles_without_spills(tk, variant):
     sig.update(eps="fp32")
     if variant["EPI"] == 2:
         sig.update(out_ptr="*fp32", pv_ptr="*fp32", pi_ptr="*i64")
-    plain = [c for c in tk._B1_CONFIGS if not c[3]]
-    per_lane = [c for c in tk._B1_CONFIGS if c[3]]
+    plain = [c for c in tk._B1_CONFIGS if c[1] and not c[3]]
+    per_lane = [c for c in tk._B1_CONFIGS if c[1] and c[3]]
     for use_dot, (bn, bk, nw, acc2d), bb, gdc in (
         (False, plain[0], 1, False), (False, plain[-1], 1, False), (False, per_lane[0], 1, True),
         (False, per_lane[-1], 1, False), (True, tk._DOT_CONFIGS[0], 16, False),
@@ -76,6 +76,22 @@ def test_gemv_compiles_without_spills(tk, variant):
         spill = _local_bytes(k)
         assert spill in (None, 0), f"{variant} {bn}x{bk} acc2d={acc2d}: {spill} bytes of local memory"
         assert ("griddepcontrol.wait" in k.asm["ptx"]) == gdc  # programmatic dependent launch only when asked
+
+
+@pytest.mark.parametrize("variant", [
+    dict(PRO=1, EPI=0, DUAL=False, BLOCK_K=2048),  # in-projection with the RMSNorm prologue
+    dict(PRO=1, EPI=0, DUAL=True, BLOCK_K=2048),  # gate|up with SiLU * up
+    dict(PRO=0, EPI=1, DUAL=False, BLOCK_K=8192),  # down projection + residual (K = 8192)
+])
+def test_gemv_rows_compiles_without_spills(tk, variant):
+    sig = {n: "*bf16" for n in ("x_ptr", "w_ptr", "bias_ptr", "nw_ptr", "res_ptr", "out_ptr")} | {"eps": "fp32"}
+    k_, dual = variant["BLOCK_K"], variant["DUAL"]
+    for bn, _, nw, _ in (c for c in tk._B1_CONFIGS if c[1] == 0 and tk.rows_fit(c[0], c[2], k_, dual)):
+        for gdc in (False, True):
+            k = _compile(tk._gemv_rows_kernel, sig, dict(**variant, HAS_BIAS=True, BLOCK_N=bn, GDC=gdc), nw)
+            spill = _local_bytes(k)
+            assert spill in (None, 0), f"{variant} rows {bn} warps {nw}: {spill} bytes of local memory"
+            assert ("griddepcontrol.wait" in k.asm["ptx"]) == gdc
 
 
 def test_other_kernels_compile(tk):

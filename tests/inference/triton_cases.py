@@ -60,7 +60,8 @@ def case_kernels():
     x, w, nw = torch.randn(1, K), torch.randn(N, K), torch.rand(K) + 0.5
     w2, b2 = torch.randn(2 * N, K), torch.randn(2 * N)
     y, gg, gw = torch.randn(1, K), torch.randn(1, K), torch.rand(hd) + 0.5
-    for forced, prefetch in (("8,32,4,0", "0"), ("8,32,4,1", "0"), ("8,32,4,0", "1"), ("8,32,4,1", "1")):
+    for forced, prefetch in (("8,32,4,0", "0"), ("8,32,4,1", "0"), ("8,32,4,0", "1"), ("8,32,4,1", "1"),
+                             ("8,0,4,1", "0"), ("16,0,4,1", "0")):  # persistent whole rows: 4 programs, 5 / 3 tiles
         os.environ["MMMAMBA_GEMV_CONFIG"] = forced
         os.environ["MMMAMBA_GEMV_PREFETCH"] = prefetch  # the register double buffer of the W tiles
         out = torch.empty(1, N)
@@ -73,6 +74,9 @@ def case_kernels():
         r0 = res.clone()
         tk.gemv(y, w, res, pro=2, nw=gw, eps=1e-5, g=gg, hd=hd, res=res, epi=1)
         close(res, r0 + F.linear(gated_rmsnorm_ref(y, gg, gw, 1e-5, hd), w))
+        r0 = res.clone()
+        tk.gemv(y, w, res, bias=b2[:N], res=res, epi=1)  # the down projection's residual epilogue
+        close(res, r0 + F.linear(y, w, b2[:N]))
     del os.environ["MMMAMBA_GEMV_CONFIG"], os.environ["MMMAMBA_GEMV_PREFETCH"]
 
     # conv + SSM step vs the reference recurrence (GQA: 4 heads, 2 groups)

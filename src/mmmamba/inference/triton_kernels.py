@@ -218,6 +218,62 @@ if triton is not None:
                 tl.store(base + (KC - 2), xnew, mask=cm)
 
     @triton.jit
+    def _gemv_rows_kernel(
+        x_ptr, w_ptr, stride_wn, w2_off, bias_ptr, nw_ptr, res_ptr, out_ptr, N, K, eps,
+        PRO: tl.constexpr, EPI: tl.constexpr, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GDC: tl.constexpr,
+    ):
+        """One row x (K,), persistent programs: each loads x and its RMSNorm prologue once, then streams whole
+        rows of W (BLOCK_N x K tiles, BLOCK_K >= K) for tiles pid, pid + nprog, ..., the next tile's load in flight
+        while it reduces the current one. Epilogues as `_gemv_kernel` (plain store, residual add, SiLU(gate) * up)."""
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        XDT = x_ptr.dtype.element_ty
+        ODT = out_ptr.dtype.element_ty
+        rk = tl.arange(0, BLOCK_K)
+        km = rk < K
+        n_tiles = tl.cdiv(N, BLOCK_N)
+        if GDC:
+            gdc_launch_dependents()
+        # W is never written during a step: the first tile streams in before (and while) x is read
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        wm = (rn < N)[:, None] & km[None, :]
+        w_nxt = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
+        if DUAL:
+            w2_nxt = tl.load(w_ptr + w2_off + rn[:, None] * stride_wn + rk[None, :], mask=wm, other=0.0)
+        if GDC:
+            gdc_wait()
+        xv = tl.load(x_ptr + rk, mask=km, other=0.0).to(tl.float32)
+        if PRO == 1:  # the row's RMSNorm, rounded like the reference module
+            rs = tl.rsqrt(tl.sum(xv * xv, axis=0) / K + eps)
+            nw = tl.load(nw_ptr + rk, mask=km, other=0.0).to(tl.float32)
+            xv = ((xv * rs).to(XDT).to(tl.float32) * nw).to(XDT).to(tl.float32)
+        for t in range(pid, n_tiles, nprog):
+            rn = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            nm = rn < N
+            rnn = rn + nprog * BLOCK_N
+            wmn = (rnn < N)[:, None] & km[None, :]
+            w = w_nxt
+            w_nxt = tl.load(w_ptr + rnn[:, None] * stride_wn + rk[None, :], mask=wmn, other=0.0)
+            acc = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            if DUAL:
+                w2 = w2_nxt
+                w2_nxt = tl.load(w_ptr + w2_off + rnn[:, None] * stride_wn + rk[None, :], mask=wmn, other=0.0)
+                acc2 = tl.sum(w2.to(tl.float32) * xv[None, :], axis=1)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+                if DUAL:
+                    acc2 += tl.load(bias_ptr + N + rn, mask=nm, other=0.0).to(tl.float32)
+            y = acc
+            if DUAL:
+                a = acc.to(ODT).to(tl.float32)
+                a = (a * tl.sigmoid(a)).to(ODT).to(tl.float32)
+                y = a * acc2.to(ODT).to(tl.float32)
+            if EPI == 1:
+                y = y.to(ODT).to(tl.float32) + tl.load(res_ptr + rn, mask=nm, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rn, y.to(ODT), mask=nm)
+
+    @triton.jit
     def _conv_silu(zb, cst, cw_ptr, cb_ptr, ch, XDT: tl.constexpr, KC: tl.constexpr, HAS_CB: tl.constexpr):
         x = tl.load(zb + ch).to(tl.float32)
         acc = x * tl.load(cw_ptr + ch * KC + (KC - 1)).to(XDT).to(tl.float32)
@@ -485,7 +541,17 @@ _B1_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, ACC2D) for one row: wide K tile
     (16, 512, 8, 1),
     # long K (the MLP's down projection, K = 8192): whole rows per program, few or no loop iterations
     (1, 4096, 8, 0), (2, 4096, 8, 1),
+    # persistent programs streaming whole rows (`_gemv_rows_kernel`): (BLOCK_N, 0, num_warps, programs per SM)
+    (1, 0, 4, 4), (1, 0, 4, 8), (2, 0, 4, 2), (2, 0, 4, 4), (2, 0, 8, 2), (4, 0, 4, 2), (4, 0, 4, 4),
+    (4, 0, 8, 1), (4, 0, 8, 2), (8, 0, 8, 1), (8, 0, 8, 2),
 ]
+
+
+def rows_fit(bn: int, nwarps: int, K: int, dual: bool) -> bool:
+    """Whether the persistent whole-row kernel's two W tiles (and x) fit in registers without spilling: at most 128
+    W elements per thread and tile, and at most 2 rows of 8192 (checked at sm_90 by tests/inference)."""
+    k = _pow2(K)
+    return bn * k <= 16384 and bn * k * (2 if dual else 1) <= 4096 * nwarps
 _DOT_CONFIGS = [(32, 128, 4, 0), (16, 256, 4, 0)]
 _TUNED: dict = {}
 _FAILED: set = set()
@@ -521,7 +587,9 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     use_dot = B > 1  # several rows: tensor-core tiles, rows padded to 16 (one compiled kernel for 2..16 rows)
     block_b = max(16, _pow2(B)) if use_dot else 1
     cands = _DOT_CONFIGS if use_dot else _B1_CONFIGS
-    narrow = min(c[1] for c in cands)  # no K tile wider than K itself (K below every tile: the narrowest)
+    rows_ok = not use_dot and pro in (0, 1) and epi in (0, 1) and conv is None
+    cands = [c for c in cands if c[1] or (rows_ok and rows_fit(c[0], c[2], K, dual))]
+    narrow = min(c[1] for c in cands if c[1])  # no K tile wider than K itself (K below every tile: the narrowest)
     cands = [c for c in cands if c[1] <= max(narrow, _pow2(K))]
     if pro == 2:
         cands = [c for c in cands if c[1] % hd == 0] or [(c[0], max(hd, c[1]), *c[2:]) for c in cands]
@@ -533,6 +601,8 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
 
     def launch(cfg, out, res, parts, conv):
         bn, bk, nwarps, acc2d = cfg
+        if bk == 0:  # persistent whole-row programs; acc2d holds the programs per SM
+            return _launch_rows(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, acc2d, pdl)
         grid = triton.cdiv(N, bn)
         csb, cs = 1, None
         if conv is not None:
@@ -558,7 +628,9 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
         )
         return grid
 
-    cfg = _forced_gemv_config() or _TUNED.get(key)
+    cfg = _forced_gemv_config()
+    if cfg is None or (cfg[1] == 0 and not rows_ok):  # a pinned whole-row config applies where that kernel can
+        cfg = _TUNED.get(key)
     if cfg is None:
         # tune on scratch copies of everything the kernel writes, so tuning has no side effect
         out_s = out.clone()
@@ -570,8 +642,28 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     return launch(cfg, out, res, parts, conv)
 
 
+def _launch_rows(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, per_sm, pdl) -> int:
+    tiles = triton.cdiv(N, bn)
+    sms = 4 if interpreting() else _sm_count(cuda_index(x.device))  # few programs: several tiles each
+    grid = min(tiles, sms * per_sm)
+    dummy = out
+    _gemv_rows_kernel[(grid,)](
+        x, w, w.stride(0), N * w.stride(0), bias if bias is not None else dummy, nw if nw is not None else dummy,
+        res if res is not None else dummy, out, N, K, float(eps),
+        PRO=pro, EPI=epi, DUAL=dual, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=_pow2(K), GDC=pdl,
+        launch_pdl=pdl, num_warps=nwarps,
+    )
+    return grid
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _forced_gemv_config() -> tuple | None:
-    """MMMAMBA_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,ACC2D" pins the gemv configuration (tests, experiments)."""
+    """MMMAMBA_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,ACC2D" pins the gemv configuration (tests, experiments);
+    BLOCK_K = 0: the persistent whole-row kernel, ACC2D then giving its programs per SM."""
     v = os.environ.get("MMMAMBA_GEMV_CONFIG")
     if not v:
         return None
