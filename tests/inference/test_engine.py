@@ -225,6 +225,12 @@ def test_triton_hybrid_step_matches_torch_and_reference():
     assert "hybrid ok" in out
 
 
+@triton_missing
+def test_triton_prefill_feeds_fla_directly():
+    out = _run_case("split")
+    assert "split ok" in out
+
+
 def test_self_check_verdict_allows_low_precision_noise():
     from mmmamba.bench.run import self_check_failure
 

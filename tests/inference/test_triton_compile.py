@@ -143,6 +143,10 @@ def test_other_kernels_compile(tk):
 
     for d2, bh in ((32, 16), (64, 16)):
         _compile(rope._rope_kernel, {n: f"*{dt}" for n in ("x_ptr", "c_ptr", "s_ptr", "o_ptr")}, dict(D2=d2, BH=bh))
-    _compile(tk._conv_silu_prefill_kernel, {n: f"*{dt}" for n in ("z_ptr", "st_ptr", "w_ptr", "b_ptr", "m_ptr",
-                                                                  "o_ptr")},
-             dict(KC=2, HAS_STATE=True, HAS_MASK=True, HAS_BIAS=True, BT=16, BC=128))
+    for split in (False, True):  # plain output, or straight into the SSD's (q, k, dt * v) layout
+        k = _compile(tk._conv_silu_prefill_kernel,
+                     {n: f"*{dt}" for n in ("z_ptr", "st_ptr", "w_ptr", "b_ptr", "m_ptr", "o_ptr", "q_ptr", "k_ptr",
+                                            "v_ptr")} | {"dt_ptr": "*fp32"},
+                     dict(KC=4, HAS_STATE=True, HAS_MASK=True, HAS_BIAS=True, BT=16, BC=128, SPLIT=split, D=128,
+                          REP=2))
+        assert _local_bytes(k) in (None, 0), f"conv + SiLU prefill split={split}: spills"

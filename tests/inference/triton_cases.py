@@ -168,6 +168,28 @@ def case_kernels():
                 ref = ref * m[..., None].float()
             close(out, ref)
             close(new_state, ref_state)
+    # the same conv written straight into the SSD's simple-GLA inputs (GQA: 4 heads in 2 groups, head dim 16)
+    from mmmamba.ops.ssd_fla import gla_inputs
+
+    h, kv, d, L = 4, 2, 16, 19
+    C = (2 * kv + h) * d
+    zz = torch.randn(2, L, C + 5)
+    cw, cb, st = torch.randn(C, 4), torch.randn(C), torch.randn(2, C, 3)
+    dt = F.softplus(torch.randn(2, L, h))
+    mask = torch.ones(2, L, dtype=torch.bool)
+    mask[0, :4] = False
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # the interpreter truncates bf16 casts
+        xBC = zz[..., :C].to(dtype)
+        (q, k, v), new_state = tk.conv_silu_prefill(xBC, cw.to(dtype), cb.to(dtype), st.to(dtype), mask,
+                                                    split=(dt, h, kv, d))
+        xc, ref_state = tk.conv_silu_prefill(xBC, cw.to(dtype), cb.to(dtype), st.to(dtype), mask)
+        xv, xk, xq = xc.split([kv * d, kv * d, h * d], -1)
+        rep = lambda t: t.reshape(2, L, kv, d).repeat_interleave(h // kv, 2)  # noqa: E731
+        want = gla_inputs(rep(xv), dt, -torch.ones(h), rep(xk), xq.reshape(2, L, h, d))
+        for got, ref in zip((q, k, v), want[:3]):
+            assert got.is_contiguous() and got.dtype == dtype
+            close(got, ref, tol)
+        assert torch.equal(new_state, ref_state)
     print("kernels ok")
 
 
@@ -198,6 +220,53 @@ def case_engine():
     eng_c = Engine(model, kernels="triton", prefill_chunk=4)  # chunked prefill through the fused kernels
     assert torch.equal(eng_c.generate(ids, attention_mask=mask, max_new_tokens=4), ref)
     print("engine ok")
+
+
+def _torch_simple_gla(q, k, v, g, scale, initial_state, output_final_state):
+    """fla's chunk_simple_gla by its recurrence (state (b, h, K, V)): S_t = exp(g_t) S_{t-1} + k_t v_t^T,
+    o_t = scale q_t S_t."""
+    b, L, h, n = q.shape
+    S = torch.zeros(b, h, n, v.shape[-1]) if initial_state is None else initial_state.clone()
+    out = []
+    for t in range(L):
+        S = S * g[:, t].exp()[..., None, None] + k[:, t, :, :, None].float() * v[:, t, :, None, :].float()
+        out.append(scale * torch.einsum("bhn,bhnp->bhp", q[:, t].float(), S))
+    return torch.stack(out, 1).to(v.dtype), S
+
+
+def case_split():
+    """The Triton prefill's fla route (conv + SiLU written straight into fla's q, k, dt * v), with fla's kernel
+    replaced by its recurrence: prefill logits and the carried states equal the reference path's, in one chunk and
+    in chunks of 4 (state carried), with left padding, GQA (4 heads in 2 groups)."""
+    from conftest import tiny_model
+
+    from mmmamba.inference import engine as engine_mod
+    from mmmamba.inference.engine import Engine
+    from mmmamba.models.cache import HybridCache
+    from mmmamba.ops import ssd_fla
+
+    used = []
+    ssd_fla.simple_gla = lambda: lambda **kw: used.append(1) or _torch_simple_gla(**kw)
+    engine_mod.resolve_backend = lambda backend, x: "fla"
+    model = tiny_model(["mamba2", "attention", "mamba2"], head_dim=16, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, cache=HybridCache(model.config)).logits[:, -1]
+    for chunk in (64, 4):
+        eng = Engine(model, kernels="triton", cuda_graph=False, prefill_chunk=chunk)
+        eng.reserve(2, 16)
+        close(eng.prefill(ids, attention_mask=mask), ref, 1e-5)
+        tor = Engine(model, kernels="torch", cuda_graph=False, prefill_chunk=chunk)
+        tor.reserve(2, 16)
+        tor.prefill(ids, attention_mask=mask)
+        for i in (0, 2):
+            close(eng.cache.ssm[i], tor.cache.ssm[i], 1e-5)
+            close(eng.cache.conv[i], tor.cache.conv[i], 1e-6)
+    assert len(used) == 2 + 2 * 3, len(used)  # 2 mamba2 layers x (1 chunk, then 3 chunks of 4)
+    print("split ok")
 
 
 def case_hybrid():
@@ -247,4 +316,4 @@ def case_hybrid():
 
 
 if __name__ == "__main__":
-    {"kernels": case_kernels, "engine": case_engine, "hybrid": case_hybrid}[sys.argv[1]]()
+    {"kernels": case_kernels, "engine": case_engine, "hybrid": case_hybrid, "split": case_split}[sys.argv[1]]()

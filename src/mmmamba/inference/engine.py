@@ -34,6 +34,7 @@ from ..models.config import ATTENTION
 from ..ops import causal_conv1d, ssd
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
 from ..ops.rope import apply_rope, apply_rope_ref
+from ..ops.ssd import resolve_backend, ssd_gla
 from .generate import _eos_ids, sample_next
 from .static_cache import StaticCache
 
@@ -398,6 +399,15 @@ class Engine:
         z = F.linear(r, p.w_in, p.b_in)
         xBC, g, dtr = z.split([conv_dim, h * d, h], dim=-1)
         cs, ss = self.cache.conv[p.idx], self.cache.ssm[p.idx]
+        dt = F.softplus(dtr.float() + p.dt_bias)
+        if self._fast_prefill and resolve_backend(mix.ssd_backend, z) == "fla":
+            from . import triton_kernels as tk
+
+            # the conv writes fla's (q, k, dt * x) directly: no split copies, no GQA repeat, no dt * x pass
+            (q, k, v), conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, None if first else cs, pm,
+                                                       split=(dt, h, kv, d))
+            y, final = ssd_gla(q, k, v, dt * p.neg_A, initial_state=None if first else ss)
+            return self._mamba_out(p, y, g, conv_new, final, b, l)
         if self._fast_prefill:
             from . import triton_kernels as tk
 
@@ -411,14 +421,18 @@ class Engine:
             if m is not None:
                 xc = xc * m
         v, k, q = mix._split(xc, b, l)
-        dt = F.softplus(dtr.float() + p.dt_bias)
         y, final = ssd(v, dt, p.neg_A, k, q, initial_state=None if first else ss, backend=mix.ssd_backend,
                        chunk_size=mix.chunk_size)
         del v, k, q, xc
-        cs.copy_(conv_new)
-        ss.copy_(final)
+        return self._mamba_out(p, y, g, conv_new, final, b, l)
+
+    def _mamba_out(self, p: LayerPlan, y, g, conv_new, final, b, l):
+        """Store the carried states; gated RMSNorm of y (b, l, h, d) and the output projection."""
+        self.cache.conv[p.idx].copy_(conv_new)
+        self.cache.ssm[p.idx].copy_(final)
+        d = self.config.head_dim
         norm = fused_forward if self._fast_prefill else gated_rmsnorm_ref
-        y = norm(y.reshape(b, l, h * d), g, p.gnorm_w, p.gnorm_eps, d)
+        y = norm(y.reshape(b, l, -1), g, p.gnorm_w, p.gnorm_eps, d)
         return F.linear(y, p.w_o, p.b_o)
 
     @property

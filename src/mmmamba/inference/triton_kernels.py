@@ -498,8 +498,9 @@ if triton is not None:
     @triton.jit
     def _conv_silu_prefill_kernel(
         z_ptr, stride_zb, stride_zt, st_ptr, w_ptr, b_ptr, m_ptr, o_ptr, L, C,
+        q_ptr, k_ptr, v_ptr, dt_ptr, KVD, H,
         KC: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BT: tl.constexpr, BC: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, REP: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         t = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -528,7 +529,22 @@ if triton is not None:
         y = (acc * tl.sigmoid(acc)).to(XDT).to(tl.float32)
         if HAS_MASK:
             y = y * tl.load(m_ptr + b * L + t, mask=tm, other=0.0).to(tl.float32)[:, None]
-        tl.store(o_ptr + (b * L + t[:, None]) * C + c[None, :], y.to(XDT), mask=tm[:, None] & cm[None, :])
+        om = tm[:, None] & cm[None, :]
+        if SPLIT:  # straight into the SSD's layout: q (b, L, H, D), k and dt * v repeated over each group's heads
+            is_v = c < KVD
+            is_k = (c >= KVD) & (c < 2 * KVD)
+            cc = tl.where(is_v, c, tl.where(is_k, c - KVD, c - 2 * KVD))
+            grp, dim = cc // D, cc % D
+            row = (b * L + t[:, None]) * H
+            tl.store(q_ptr + (row + grp[None, :]) * D + dim[None, :], y.to(XDT), mask=om & (c >= 2 * KVD)[None, :])
+            for r in tl.static_range(REP):
+                head = (grp * REP + r)[None, :]
+                tl.store(k_ptr + (row + head) * D + dim[None, :], y.to(XDT), mask=om & is_k[None, :])
+                vm = om & is_v[None, :]
+                dtv = tl.load(dt_ptr + row + head, mask=vm, other=0.0).to(XDT).to(tl.float32)
+                tl.store(v_ptr + (row + head) * D + dim[None, :], (y * dtv).to(XDT), mask=vm)
+        else:
+            tl.store(o_ptr + (b * L + t[:, None]) * C + c[None, :], y.to(XDT), mask=om)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -842,22 +858,38 @@ def silu_mul(gu):
     return out
 
 
-def conv_silu_prefill(xBC, weight, bias, state, mask):
+def conv_silu_prefill(xBC, weight, bias, state, mask, split=None):
     """SiLU(causal depthwise conv(x)) with masked (padding) inputs and outputs zeroed, taps before the chunk from
     `state` (b, C, k-1) (None: zeros). xBC (b, l, C) may be a strided view of the fused projection. Returns the
-    output (b, l, C) contiguous and the new state (the last k-1 masked inputs)."""
+    output (b, l, C) contiguous and the new state (the last k-1 masked inputs).
+
+    `split=(dt, heads, kv_heads, head_dim)`, C = [v | k | q] = 2 kv d + h d, dt (b, l, h) fp32: the output goes
+    straight into the SSD's simple-GLA inputs instead, each (b, l, h, d) contiguous: (q, k, dt * v) with k and v
+    repeated over the heads of their group, rounded as `ops.ssd_fla.gla_inputs` rounds them (dt to the model dtype
+    first); the output slot of the return value is then that triple. Saves the split's copies and the dt * v pass."""
     b, L, C = xBC.shape
     kc = weight.shape[1]
     assert xBC.stride(2) == 1
-    out = torch.empty(b, L, C, dtype=xBC.dtype, device=xBC.device)
     mk = None if mask is None else mask.to(xBC.dtype).contiguous()
+    if split is None:
+        out = torch.empty(b, L, C, dtype=xBC.dtype, device=xBC.device)
+        q = k = v = dt = out
+        kvd, h, d, rep = 0, 1, 1, 1
+    else:
+        dt, h, kv, d = split
+        assert C == (2 * kv + h) * d and dt.shape == (b, L, h) and dt.is_contiguous()
+        q, k, v = (torch.empty(b, L, h, d, dtype=xBC.dtype, device=xBC.device) for _ in range(3))
+        out, kvd, rep = q, kv * d, h // kv
     BT, BC = 16, 128
     _conv_silu_prefill_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
         xBC, xBC.stride(0), xBC.stride(1), state if state is not None else weight, weight,
         bias if bias is not None else weight, mk if mk is not None else weight, out, L, C,
+        q, k, v, dt, kvd, h,
         KC=kc, HAS_STATE=state is not None, HAS_MASK=mk is not None, HAS_BIAS=bias is not None,
-        BT=BT, BC=BC, num_warps=4,
+        BT=BT, BC=BC, SPLIT=split is not None, D=d, REP=rep, num_warps=4,
     )
+    if split is not None:
+        out = (q, k, v)
     tail = xBC[:, max(0, L - (kc - 1)):]
     if mk is not None:
         tail = tail * mk[:, max(0, L - (kc - 1)):, None]

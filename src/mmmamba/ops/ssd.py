@@ -133,10 +133,24 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     return _finish(y, x, D).to(x.dtype), S
 
 
+def ssd_gla(q, k, v, g, initial_state=None):
+    """The SSD's forward on inputs already in fla's simple-GLA form (`ops.ssd_fla.gla_inputs`: q = C, k = B,
+    v = dt * x, each (b, l, h, n) contiguous; g = dt * A (b, l, h) fp32), no gradient: (y (b, l, h, n), state)."""
+    S0 = None if initial_state is None else initial_state.float()
+    y, S = _fla.forward_gla(q, k, v, g, S0)
+    return y.to(v.dtype), S
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto" -> "fla" on CUDA when fla-core imports, else "torch"; other names as given."""
+    if backend == "auto":
+        return "fla" if x.is_cuda and _fla.fla_available() else "torch"
+    return backend
+
+
 def ssd(x, dt, A, B, C, D=None, initial_state=None, backend: str = "auto", chunk_size: int = 64):
     """Dispatch: "fla" on CUDA when fla-core imports, else the chunked torch implementation."""
-    if backend == "auto":
-        backend = "fla" if x.is_cuda and _fla.fla_available() else "torch"
+    backend = resolve_backend(backend, x)
     if backend == "fla":
         return ssd_fla(x, dt, A, B, C, D, initial_state)
     if backend == "torch":

@@ -121,7 +121,12 @@ def gla_inputs(x, dt, A, B, C):
 
 def forward(x, dt, A, B, C, S0):
     """fla's forward of the SSD (its own autograd when inputs require grad): (y, final state)."""
-    return simple_gla()(*gla_inputs(x, dt, A, B, C), scale=1.0, initial_state=S0, output_final_state=True)
+    return forward_gla(*gla_inputs(x, dt, A, B, C), S0)
+
+
+def forward_gla(q, k, v, g, S0):
+    """fla's simple GLA with scale 1 on inputs in its own form: (o, final state)."""
+    return simple_gla()(q=q, k=k, v=v, g=g, scale=1.0, initial_state=S0, output_final_state=True)
 
 
 def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[str, float]:
