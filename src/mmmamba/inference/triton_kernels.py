@@ -531,18 +531,24 @@ if triton is not None:
             y = y * tl.load(m_ptr + b * L + t, mask=tm, other=0.0).to(tl.float32)[:, None]
         om = tm[:, None] & cm[None, :]
         if SPLIT:  # straight into the SSD's layout: q (b, L, H, D), k and dt * v repeated over each group's heads
-            is_v = c < KVD
-            is_k = (c >= KVD) & (c < 2 * KVD)
-            cc = tl.where(is_v, c, tl.where(is_k, c - KVD, c - 2 * KVD))
-            grp, dim = cc // D, cc % D
-            row = (b * L + t[:, None]) * H
-            tl.store(q_ptr + (row + grp[None, :]) * D + dim[None, :], y.to(XDT), mask=om & (c >= 2 * KVD)[None, :])
-            for r in tl.static_range(REP):
-                head = (grp * REP + r)[None, :]
-                tl.store(k_ptr + (row + head) * D + dim[None, :], y.to(XDT), mask=om & is_k[None, :])
-                vm = om & is_v[None, :]
-                dtv = tl.load(dt_ptr + row + head, mask=vm, other=0.0).to(XDT).to(tl.float32)
-                tl.store(v_ptr + (row + head) * D + dim[None, :], (y * dtv).to(XDT), mask=vm)
+            c0 = tl.program_id(2) * BC  # a column block lies inside one head (BC divides D): scalar routing
+            row = (b * L + t) * H
+            if c0 >= 2 * KVD:
+                hq = (c0 - 2 * KVD) // D
+                dq = (c0 - 2 * KVD) % D + tl.arange(0, BC)
+                tl.store(q_ptr + (row[:, None] + hq) * D + dq[None, :], y.to(XDT), mask=om)
+            else:
+                is_v = c0 < KVD
+                cc = tl.where(is_v, c0, c0 - KVD)
+                dd = cc % D + tl.arange(0, BC)
+                for r in tl.static_range(REP):
+                    head = (cc // D) * REP + r
+                    off = (row[:, None] + head) * D + dd[None, :]
+                    if is_v:
+                        dtv = tl.load(dt_ptr + row + head, mask=tm, other=0.0).to(XDT).to(tl.float32)
+                        tl.store(v_ptr + off, (y * dtv[:, None]).to(XDT), mask=om)
+                    else:
+                        tl.store(k_ptr + off, y.to(XDT), mask=om)
         else:
             tl.store(o_ptr + (b * L + t[:, None]) * C + c[None, :], y.to(XDT), mask=om)
 
@@ -880,7 +886,8 @@ def conv_silu_prefill(xBC, weight, bias, state, mask, split=None):
         assert C == (2 * kv + h) * d and dt.shape == (b, L, h) and dt.is_contiguous()
         q, k, v = (torch.empty(b, L, h, d, dtype=xBC.dtype, device=xBC.device) for _ in range(3))
         out, kvd, rep = q, kv * d, h // kv
-    BT, BC = 16, 128
+    BT, BC = 16, 128 if split is None else min(128, d)
+    assert split is None or d % BC == 0, "split: the head dim must be a multiple of the column block"
     _conv_silu_prefill_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
         xBC, xBC.stride(0), xBC.stride(1), state if state is not None else weight, weight,
         bias if bias is not None else weight, mk if mk is not None else weight, out, L, C,
