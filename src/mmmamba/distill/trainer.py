@@ -72,11 +72,20 @@ def no_weight_decay(name: str, p: torch.Tensor) -> bool:
     return name.endswith(".bias") or last in ("A_log", "dt_bias") or "norm" in name or p.ndim < 2
 
 
-def build_optimizer(module: nn.Module, cfg: StageConfig, fused: bool | None = None) -> torch.optim.AdamW:
+def no_decay_ids(module: nn.Module) -> set[int]:
+    """ids of the parameters that get no weight decay, decided on the unwrapped module: FSDP keeps the parameter
+    objects but shows them flattened (1-D shards), which would put every weight matrix among the `p.ndim < 2`."""
+    return {id(p) for name, p in module.named_parameters() if no_weight_decay(name, p)}
+
+
+def build_optimizer(module: nn.Module, cfg: StageConfig, fused: bool | None = None,
+                    no_decay: set[int] | None = None) -> torch.optim.AdamW:
+    """AdamW, weight decay on all but `no_decay` (ids from `no_decay_ids` before wrapping; None: decided here)."""
+    no_decay = no_decay_ids(module) if no_decay is None else no_decay
     decay, plain = [], []
-    for name, p in module.named_parameters():
+    for p in module.parameters():
         if p.requires_grad:
-            (plain if no_weight_decay(name, p) else decay).append(p)
+            (plain if id(p) in no_decay else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
     kw = {"fused": True} if fused else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kw)
@@ -638,8 +647,9 @@ class StageRunner:
                          "(first steps compile)")
         self._choose_kernels(student, acc.device, torch.bfloat16 if precision == "bf16" else torch.float32,
                              tdtype if stage in (1, 2) else None)
+        no_decay = no_decay_ids(module)
         module = acc.prepare(module)
-        optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda")
+        optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda", no_decay=no_decay)
         optimizer = acc.prepare(optimizer)
         scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg)
         accum = cfg.accumulation(acc.num_processes)
@@ -847,13 +857,29 @@ class StageRunner:
 
 # --------------------------------------------------------------------------------------------- FSDP helpers
 def _fsdp_plugin():
+    """Stage 3 under FSDP: one unit per decoder layer, fully sharded. Parameters, buffers and gradient reductions
+    stay fp32, and bf16 comes from accelerate's autocast, as on one GPU or under DDP. accelerate's default FSDP
+    policy for bf16 would instead run every parameter in bf16 (A_log, dt_bias and norm weights included) and
+    round buffers such as RoPE's inverse frequencies to bf16. That would be another training recipe, not the same
+    one sharded."""
     from accelerate import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
         sharding_strategy="FULL_SHARD", auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=["DecoderLayer"], use_orig_params=True,
+        transformer_cls_names_to_wrap=[FSDP_UNIT], use_orig_params=True,
         state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False, sync_module_states=True,
+        mixed_precision_policy=fsdp_mixed_precision(),
     )
+
+
+FSDP_UNIT = "DecoderLayer"  # the module class each FSDP unit wraps
+
+
+def fsdp_mixed_precision():
+    """FSDP's precision policy for stage 3: everything fp32 (bf16 compute comes from autocast)."""
+    from torch.distributed.fsdp import MixedPrecision
+
+    return MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
 
 
 def _is_fsdp(acc) -> bool:
@@ -861,11 +887,17 @@ def _is_fsdp(acc) -> bool:
 
 
 def _optimizer_state(acc, module, optimizer) -> dict:
+    """The optimizer's full state (under FSDP: gathered from the shards; with GPU parameters, offloaded to the host
+    memory of rank 0, which writes it)."""
     opt = getattr(optimizer, "optimizer", optimizer)
     if _is_fsdp(acc):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # "offloading" host tensors to the host aliases torch's gather buffers (torch 2.13, gloo: every moment
+        # came back as the last one gathered), so offload only from the GPU
+        offload = any(p.is_cuda for p in module.parameters())
+        return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=offload))
     return opt.state_dict()
 
 
