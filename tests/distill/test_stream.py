@@ -1,11 +1,9 @@
-"""The layer-wise stages' teacher stream: the unpacked layer equals the decoder layer, and the fused residual add +
-RMSNorm (CUDA) matches the torch ops (checked here under Triton's interpreter, which truncates fp32 -> bf16 casts
-where a GPU rounds to nearest: bf16 is held to the GPU check's 1e-2)."""
+"""The layer-wise stages' teacher stream: the unpacked layer equals the decoder layer; the fused residual add +
+RMSNorm (tests/ops/test_add_norm.py) is taken only where it may run."""
 
 from __future__ import annotations
 
 import torch
-from conftest import requires_triton, run_interpreted
 
 from mmmamba.distill import stream
 from mmmamba.models.decoder import StepContext
@@ -28,12 +26,11 @@ def test_stream_layer_equals_the_decoder_layer(tiny_teacher):
 
 def test_add_norm_takes_the_fused_kernel_only_where_it_may(monkeypatch):
     """The fused kernel (no autograd) only without grad, for a weight of the stream's dtype; torch ops elsewhere."""
-    from mmmamba.inference import triton_kernels as tk
     from mmmamba.layers.norm import RMSNorm
 
     calls = []
-    monkeypatch.setattr(tk, "add_rmsnorm", lambda h, w, eps, d: calls.append(d is None) or (h, h))
-    monkeypatch.setattr(stream, "fused_norm_ok", lambda dtype, index: True)
+    monkeypatch.setattr(stream, "add_rmsnorm", lambda h, d, w, eps, fused: calls.append((d is None, fused)) or (h, h))
+    monkeypatch.setattr(stream, "fused_ok", lambda dtype, index: True)
     monkeypatch.setattr(stream, "cuda_index", lambda device: 0)
     norm, h = RMSNorm(8), torch.randn(3, 8)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
@@ -42,17 +39,4 @@ def test_add_norm_takes_the_fused_kernel_only_where_it_may(monkeypatch):
         stream.add_norm(h, h, norm)
         stream.add_norm(h.bfloat16(), None, norm)  # fp32 weight, bf16 stream: the torch ops' dtype promotion
     stream.add_norm(h, None, norm)  # grad enabled
-    assert calls == [True, False]
-
-
-@requires_triton
-def test_fused_norm_check_passes_under_the_interpreter():
-    run_interpreted(
-        "import torch\n"
-        "from mmmamba.distill.stream import fused_norm_errors\n"
-        "for dt, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):\n"
-        "    e = fused_norm_errors(dt, 'cpu')\n"
-        "    assert max(e.values()) < tol, (dt, e)\n"
-        "    print('ok', dt, e)\n",
-        expect_ok=2,
-    )
+    assert calls == [(True, True), (False, True), (True, False), (True, False)]

@@ -377,10 +377,9 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     assert "128-wide tiles" in said[0]
     assert "gated RMSNorm: fused Triton kernels" in said[1] and "conv + SiLU: torch ops" in said[1]
     assert "teacher stream" not in said[1]
-    from mmmamba.distill import stream
-    from mmmamba.ops import rope
+    from mmmamba.ops import add_norm, rope
 
-    monkeypatch.setattr(stream, "fused_norm_ok", lambda dtype, index: checked.append(("stream", dtype)) or True)
+    monkeypatch.setattr(add_norm, "fused_ok", lambda dtype, index: checked.append(("stream", dtype)) or True)
     monkeypatch.setattr(rope, "fused_ok", lambda dtype, index: checked.append(("rope", dtype)) or True)
     runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16, torch.bfloat16)  # stages 1-2
     assert checked[-2:] == [("stream", torch.bfloat16), ("rope", torch.bfloat16)]

@@ -120,7 +120,9 @@ def test_other_kernels_compile(tk):
                                          "len_ptr": "*i64", "pos_ptr": "*i64"}, dict(BP=1024, GDC=gdc)),
         ]
         assert all(("griddepcontrol.wait" in d.asm["ptx"]) == gdc for d in decode)
-    _compile(tk._add_rmsnorm_kernel, {n: f"*{dt}" for n in ("x_ptr", "d_ptr", "h_ptr", "w_ptr", "y_ptr")} |
+    from mmmamba.ops import add_norm  # the fused residual add + RMSNorm (prefill, frozen teacher streams)
+
+    _compile(add_norm._add_rmsnorm_kernel, {n: f"*{dt}" for n in ("x_ptr", "d_ptr", "h_ptr", "w_ptr", "y_ptr")} |
              {"eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=2048))
     from mmmamba.ops import conv_silu as cs  # the fused conv + SiLU (training)
     from mmmamba.ops import gated_norm as gn  # the fused gated RMSNorm (prefill and training)

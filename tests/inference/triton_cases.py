@@ -15,7 +15,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from mmmamba.inference import triton_kernels as tk  # noqa: E402
-from mmmamba.inference.engine import _rmsnorm  # noqa: E402
+from mmmamba.ops.add_norm import fused_add_rmsnorm  # noqa: E402
+from mmmamba.ops.add_norm import rmsnorm_ref as _rmsnorm  # noqa: E402
 from mmmamba.ops.gated_norm import fused_forward, gated_rmsnorm_ref  # noqa: E402
 
 
@@ -138,10 +139,10 @@ def case_kernels():
 
     # prefill kernels: residual add + RMSNorm, gated per-head norm, SiLU * up, conv + SiLU with state and padding
     x, dlt, w = torch.randn(2, 5, 48), torch.randn(2, 5, 48), torch.rand(48) + 0.5
-    hh, yy = tk.add_rmsnorm(x, w, 1e-6, dlt)
+    hh, yy = fused_add_rmsnorm(x, w, 1e-6, dlt)
     close(hh, x + dlt)
     close(yy, _rmsnorm(x + dlt, w, 1e-6))
-    _, y0 = tk.add_rmsnorm(x, w, 1e-6)
+    _, y0 = fused_add_rmsnorm(x, w, 1e-6)
     close(y0, _rmsnorm(x, w, 1e-6))
     z = torch.randn(2, 5, 3 * 64 + 7)
     yv, gv = torch.randn(2, 5, 64), z[..., 64:128]

@@ -479,12 +479,11 @@ class StageRunner:
         """On CUDA, pick (and check, once) the mixer's kernels here, before DDP wraps the module, and say which
         ones train: the SSD backward (`ops.ssd_fla`), the fused gated RMSNorm (`ops.gated_norm`) and conv + SiLU
         (`ops.conv_silu`); given `stream_dtype` (stages 1-2), also the teacher stream's fused add + RMSNorm
-        (`distill.stream`) and RoPE (`ops.rope`)."""
+        (`ops.add_norm`) and RoPE (`ops.rope`)."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
-        from ..ops import conv_silu, gated_norm, rope, ssd_fla
+        from ..ops import add_norm, conv_silu, gated_norm, rope, ssd_fla
         from ..ops.checked import cuda_index
-        from . import stream
 
         cfg = student.config
         if ssd_fla.fla_available():
@@ -497,7 +496,7 @@ class StageRunner:
         fused = {"gated RMSNorm": gated_norm._fused_ok(cfg.head_dim, dtype, index),
                  "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
         if stream_dtype is not None:
-            fused["teacher stream add + RMSNorm"] = stream.fused_norm_ok(stream_dtype, index)
+            fused["teacher stream add + RMSNorm"] = add_norm.fused_ok(stream_dtype, index)
             fused["teacher RoPE"] = rope.fused_ok(stream_dtype, index)
         self.log("; ".join(f"{name}: " + ("fused Triton kernels (checked against torch)" if ok else "torch ops")
                            for name, ok in fused.items()))

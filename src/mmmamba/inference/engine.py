@@ -32,6 +32,7 @@ from torch import nn
 from ..layers.rope import rope_inv_freq
 from ..models.config import ATTENTION
 from ..ops import causal_conv1d, ssd
+from ..ops.add_norm import add_rmsnorm, rmsnorm_ref
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
 from ..ops.rope import apply_rope, apply_rope_ref
 from ..ops.ssd import resolve_backend, ssd_gla
@@ -108,12 +109,6 @@ class LayerPlan:
 
 # ---------------------------------------------------------------------------------------------------------------
 # reference-semantics helpers (identical rounding to the modules of mmmamba.layers)
-def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
 _GQA_LOWER_RIGHT_OK = [True]
 
 
@@ -348,7 +343,7 @@ class Engine:
             pending = None  # the previous MLP's output, added to h inside the next norm
             for p in self.plans:
                 layer = p.layer
-                h, r = self._add_norm(h, pending, p.ln1, p.eps1)
+                h, r = add_rmsnorm(h, pending, p.ln1, p.eps1, fused=self._fast_prefill)
                 if p.attention:
                     ri = layer.rope_index
                     if ri not in rope:
@@ -356,7 +351,7 @@ class Engine:
                     mixed = self._attn_prefill(p, r, rope[ri], s, e, kv_valid)
                 else:
                     mixed = self._mamba_prefill(p, r, pm, first=s == 0)
-                h, u = self._add_norm(h, mixed, p.ln2, p.eps2)
+                h, u = add_rmsnorm(h, mixed, p.ln2, p.eps2, fused=self._fast_prefill)
                 del mixed, r
                 gu = F.linear(u, p.w_gu, p.b_gu)
                 pending = F.linear(self._act_mul(layer, gu), p.w_down, p.b_down)
@@ -440,16 +435,6 @@ class Engine:
         """Fused Triton elementwise kernels in prefill (same kernels family as the decode step)."""
         return self.kernels == "triton"
 
-    def _add_norm(self, h, delta, w, eps):
-        """(h + delta, RMSNorm(h + delta)) with the reference rounding; delta None: (h, RMSNorm(h))."""
-        if self._fast_prefill:
-            from . import triton_kernels as tk
-
-            return tk.add_rmsnorm(h, w, eps, delta)
-        if delta is not None:
-            h = h + delta
-        return h, _rmsnorm(h, w, eps)
-
     def _act_mul(self, layer, gu):
         if self._fast_prefill and self.config.hidden_act in ("silu", "swish"):
             from . import triton_kernels as tk
@@ -481,7 +466,7 @@ class Engine:
             c.key_valid.index_fill_(1, c.length.view(1), True)
         rope_cache = {}
         for p in self.plans:
-            u = _rmsnorm(h, p.ln1, p.eps1)
+            u = rmsnorm_ref(h, p.ln1, p.eps1)
             z = F.linear(u, p.w_in, p.b_in)
             if p.attention:
                 q, k, v = z.split([h_ * d, kv * d, kv * d], dim=-1)
@@ -517,10 +502,10 @@ class Engine:
                 y = torch.einsum("bgrn,bgrnp->bgrp", qq.float().view(b, kv, rep, d), S5).to(self.dtype)
                 y = gated_rmsnorm_ref(y.reshape(b, h_ * d), g, p.gnorm_w, p.gnorm_eps, d)
                 h = h + F.linear(y, p.w_o, p.b_o)
-            u = _rmsnorm(h, p.ln2, p.eps2)
+            u = rmsnorm_ref(h, p.ln2, p.eps2)
             gate, up = F.linear(u, p.w_gu, p.b_gu).chunk(2, dim=-1)
             h = h + F.linear(p.layer.mlp.act(gate) * up, p.w_down, p.b_down)
-        hn = _rmsnorm(h, self.final_norm, self.final_eps)
+        hn = rmsnorm_ref(h, self.final_norm, self.final_eps)
         B["logits"].copy_(F.linear(hn, self.lm_head))
         torch.argmax(B["logits"], dim=-1, out=B["next"])
         B["ids"].copy_(B["next"])

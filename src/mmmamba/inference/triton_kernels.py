@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from ..ops.add_norm import rows_view
 from ..ops.checked import cuda_index
 
 try:  # Triton is optional: CPU-only installs run the torch step
@@ -467,24 +468,6 @@ if triton is not None:
 
     # -- prefill (many rows): fused elementwise passes -----------------------------------------------------------
     @triton.jit
-    def _add_rmsnorm_kernel(
-        x_ptr, stride_x, d_ptr, stride_d, h_ptr, stride_h, w_ptr, y_ptr, stride_y, N, eps,
-        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        XDT = x_ptr.dtype.element_ty
-        cols = tl.arange(0, BLOCK)
-        m = cols < N
-        x = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        if HAS_DELTA:  # h = h + delta, rounded like the reference residual add
-            x = (x + tl.load(d_ptr + row * stride_d + cols, mask=m, other=0.0).to(tl.float32)).to(XDT).to(tl.float32)
-            tl.store(h_ptr + row * stride_h + cols, x.to(XDT), mask=m)
-        r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
-        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        y = (x * r).to(XDT).to(tl.float32) * w
-        tl.store(y_ptr + row * stride_y + cols, y.to(XDT), mask=m)
-
-    @triton.jit
     def _silu_mul_kernel(gu_ptr, stride_gu, o_ptr, stride_o, N, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -624,7 +607,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     def launch(cfg, out, res, parts, conv):
         bn, bk, nwarps, acc2d = cfg
         if bk == 0:  # persistent whole-row programs; acc2d holds the programs per SM
-            return _launch_rows(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, acc2d, pdl)
+            return _launchrows_view(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, acc2d, pdl)
         grid = triton.cdiv(N, bn)
         csb, cs = 1, None
         if conv is not None:
@@ -664,7 +647,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     return launch(cfg, out, res, parts, conv)
 
 
-def _launch_rows(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, per_sm, pdl) -> int:
+def _launchrows_view(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, per_sm, pdl) -> int:
     tiles = triton.cdiv(N, bn)
     sms = 4 if interpreting() else _sm_count(cuda_index(x.device))  # few programs: several tiles each
     grid = min(tiles, sms * per_sm)
@@ -831,33 +814,12 @@ def finish(pv, pi, n_parts, tok, ids, length, pos):
 
 
 # -- prefill launchers (rows = batch x tokens) -----------------------------------------------------------------
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> a 2-D (rows, N) view; the rows must be evenly strided and the last dim contiguous."""
-    assert x.stride(-1) == 1
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-
-
-def add_rmsnorm(x, w, eps, delta=None):
-    """y = RMSNorm(x + delta) (reference rounding); returns (h, y) with h = x + delta (or x)."""
-    shape = x.shape
-    x2 = _rows(x)
-    N = x2.shape[1]
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(shape, dtype=x.dtype, device=x.device) if delta is not None else x
-    d2 = _rows(delta) if delta is not None else x2
-    h2 = _rows(h)
-    _add_rmsnorm_kernel[(x2.shape[0],)](x2, x2.stride(0), d2, d2.stride(0), h2, h2.stride(0), w, _rows(y),
-                                        N, N, float(eps), HAS_DELTA=delta is not None, BLOCK=_pow2(N),
-                                        num_warps=4 if N <= 4096 else 8)
-    return h, y
-
-
 def silu_mul(gu):
     """SiLU(gate) * up for gu = [gate | up] (..., 2N) -> (..., N)."""
-    g2 = _rows(gu)
+    g2 = rows_view(gu)
     N = g2.shape[1] // 2
     out = torch.empty(*gu.shape[:-1], N, dtype=gu.dtype, device=gu.device)
-    o2 = _rows(out)
+    o2 = rows_view(out)
     blk = min(2048, _pow2(N))
     _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, blk))](g2, g2.stride(0), o2, o2.stride(0), N, BLOCK=blk,
                                                          num_warps=4)

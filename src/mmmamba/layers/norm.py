@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.add_norm import rmsnorm_ref
 from ..ops.gated_norm import gated_rmsnorm
 
 
@@ -17,10 +18,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return rmsnorm_ref(x, self.weight, self.eps)
 
 
 class GatedRMSNorm(nn.Module):
