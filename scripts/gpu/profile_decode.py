@@ -20,12 +20,12 @@ from mmmamba.bench.models import HOVLE_DIMS, build_ours, make_config
 from mmmamba.inference.engine import Engine
 
 
-def kernel_table(engine: Engine, steps: int) -> list[dict]:
+def cuda_kernel_times(fn) -> dict[str, list]:
+    """Run fn() under torch's profiler: {kernel name: [launches, total CUDA time in us]}."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine._step()
+        fn()
         torch.cuda.synchronize()
     agg = defaultdict(lambda: [0, 0.0])
     for ev in prof.events():
@@ -33,6 +33,11 @@ def kernel_table(engine: Engine, steps: int) -> list[dict]:
             a = agg[ev.name]
             a[0] += 1
             a[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    return agg
+
+
+def kernel_table(engine: Engine, steps: int) -> list[dict]:
+    agg = cuda_kernel_times(lambda: [engine._step() for _ in range(steps)])
     rows = [{"kernel": k[:90], "calls_per_step": c / steps, "us_per_step": t / steps} for k, (c, t) in agg.items()]
     return sorted(rows, key=lambda r: -r["us_per_step"])
 

@@ -14,6 +14,7 @@ import json
 from collections import defaultdict
 
 import torch
+from profile_decode import cuda_kernel_times  # scripts/gpu, beside this file
 
 from mmmamba.bench.models import HOVLE_DIMS, build_ours, make_config
 from mmmamba.inference.engine import Engine
@@ -35,8 +36,6 @@ def main():
     ap.add_argument("--context", type=int, default=131072)
     ap.add_argument("--json")
     args = ap.parse_args()
-    from torch.profiler import ProfilerActivity, profile
-
     dev = torch.device("cuda")
     model = build_ours(make_config(HOVLE_DIMS, args.variant), dev, torch.bfloat16)
     engine = Engine(model, kernels="triton", cuda_graph=False)
@@ -50,15 +49,7 @@ def main():
     e.record()
     e.synchronize()
     wall_ms = s.elapsed_time(e)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.prefill(ids)
-        torch.cuda.synchronize()
-    agg = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            a = agg[ev.name]
-            a[0] += 1
-            a[1] += ev.device_time_total
+    agg = cuda_kernel_times(lambda: engine.prefill(ids))
     rows = sorted(({"kernel": k[:100], "calls": c, "ms": t / 1e3, "class": kernel_class(k)}
                    for k, (c, t) in agg.items()), key=lambda r: -r["ms"])
     total = sum(r["ms"] for r in rows)
