@@ -74,3 +74,12 @@ def test_programmatic_dependent_launch_is_opt_in(monkeypatch):
     assert not tk.use_pdl(torch.zeros(1))  # CPU tensors: never
     monkeypatch.setattr(tk, "interpreting", lambda: True)
     assert not tk.use_pdl(cuda_like)  # the interpreter has no grid dependency control
+
+
+def test_prefill_split_route_only_for_power_of_two_head_dims():
+    """The conv kernel writes fla's layout in column blocks inside one head: head dims 16, 32, ... only (others take
+    the split-then-copy route)."""
+    from mmmamba.inference import triton_kernels as tk
+
+    assert all(tk.split_ok(d) for d in (16, 64, 128, 256))
+    assert not any(tk.split_ok(d) for d in (8, 80, 96, 192))

@@ -395,17 +395,15 @@ class Engine:
         xBC, g, dtr = z.split([conv_dim, h * d, h], dim=-1)
         cs, ss = self.cache.conv[p.idx], self.cache.ssm[p.idx]
         dt = F.softplus(dtr.float() + p.dt_bias)
-        if self._fast_prefill and resolve_backend(mix.ssd_backend, z) == "fla":
-            from . import triton_kernels as tk
-
-            # the conv writes fla's (q, k, dt * x) directly: no split copies, no GQA repeat, no dt * x pass
-            (q, k, v), conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, None if first else cs, pm,
-                                                       split=(dt, h, kv, d))
-            y, final = ssd_gla(q, k, v, dt * p.neg_A, initial_state=None if first else ss)
-            return self._mamba_out(p, y, g, conv_new, final, b, l)
         if self._fast_prefill:
             from . import triton_kernels as tk
 
+            if resolve_backend(mix.ssd_backend, z) == "fla" and tk.split_ok(d):
+                # the conv writes fla's (q, k, dt * x) directly: no split copies, no GQA repeat, no dt * x pass
+                (q, k, v), conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, None if first else cs, pm,
+                                                           split=(dt, h, kv, d))
+                y, final = ssd_gla(q, k, v, dt * p.neg_A, initial_state=None if first else ss)
+                return self._mamba_out(p, y, g, conv_new, final, b, l)
             xc, conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, None if first else cs, pm)
         else:
             m = None if pm is None else pm[..., None].to(z.dtype)

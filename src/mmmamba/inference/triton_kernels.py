@@ -826,6 +826,11 @@ def silu_mul(gu):
     return out
 
 
+def split_ok(head_dim: int) -> bool:
+    """Whether `conv_silu_prefill(split=...)` handles this head dim (column blocks inside one head)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def conv_silu_prefill(xBC, weight, bias, state, mask, split=None):
     """SiLU(causal depthwise conv(x)) with masked (padding) inputs and outputs zeroed, taps before the chunk from
     `state` (b, C, k-1) (None: zeros). xBC (b, l, C) may be a strided view of the fused projection. Returns the
@@ -849,7 +854,7 @@ def conv_silu_prefill(xBC, weight, bias, state, mask, split=None):
         q, k, v = (torch.empty(b, L, h, d, dtype=xBC.dtype, device=xBC.device) for _ in range(3))
         out, kvd, rep = q, kv * d, h // kv
     BT, BC = 16, 128 if split is None else min(128, d)
-    assert split is None or d % BC == 0, "split: the head dim must be a multiple of the column block"
+    assert split is None or split_ok(d), f"split: head dim {d} is not a power of two >= 16"
     _conv_silu_prefill_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
         xBC, xBC.stride(0), xBC.stride(1), state if state is not None else weight, weight,
         bias if bias is not None else weight, mk if mk is not None else weight, out, L, C,
