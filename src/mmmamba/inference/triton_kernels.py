@@ -7,10 +7,16 @@ Per Mamba-2 layer the step is 5 kernels, per attention layer 7:
   Epilogues: plain store, residual add in place (`epi=1`), per-block max / argmax partials for greedy decoding
   (`epi=2`); `dual=True` reads gate and up rows of a fused gate|up matrix and stores SiLU(gate) * up.
   Optionally also shifts the Mamba-2 conv state (a side job done after the SSM kernel has read it).
+  Two kernels, chosen per shape by the tuner: tiles of (rows, K block) per program, or, for one row with the
+  RMSNorm or no prologue and a plain or residual epilogue, persistent programs that load x once and stream whole
+  rows of W (`_gemv_rows_kernel`).
 * `ssm_step`: causal conv update + SiLU + softplus(dt) + SSM state update + C.S for one head and a block of the
   head dim per program (state in fp32, read and written once).
 * `rope_append` + `attn_decode` (split-K flash decoding reading the length from the device) for attention.
 * `finish`: argmax over the partials, token fed back, position counters advanced.
+
+Prefill (many rows) uses three of the same family: conv + SiLU (optionally written straight into fla's
+simple-GLA inputs), SiLU(gate) * up, and `ops.add_norm`'s residual add + RMSNorm.
 
 Rounding follows the reference modules (`mmmamba.layers`): values are rounded to the model dtype where the
 reference rounds them. Every kernel has a fixed grid given the buffers, so the whole step can live in a CUDA
