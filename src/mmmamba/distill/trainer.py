@@ -855,6 +855,9 @@ class StageRunner:
 
 
 # --------------------------------------------------------------------------------------------- FSDP helpers
+FSDP_UNIT = "DecoderLayer"  # the module class each FSDP unit wraps
+
+
 def _fsdp_plugin():
     """Stage 3 under FSDP: one unit per decoder layer, fully sharded. Parameters, buffers and gradient reductions
     stay fp32, and bf16 comes from accelerate's autocast, as on one GPU or under DDP. accelerate's default FSDP
@@ -869,9 +872,6 @@ def _fsdp_plugin():
         state_dict_type="FULL_STATE_DICT", cpu_ram_efficient_loading=False, sync_module_states=True,
         mixed_precision_policy=fsdp_mixed_precision(),
     )
-
-
-FSDP_UNIT = "DecoderLayer"  # the module class each FSDP unit wraps
 
 
 def fsdp_mixed_precision():

@@ -557,15 +557,16 @@ _B1_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, ACC2D) for one row: wide K tile
     (4, 0, 8, 1), (4, 0, 8, 2), (8, 0, 8, 1), (8, 0, 8, 2),
 ]
 
+_DOT_CONFIGS = [(32, 128, 4, 0), (16, 256, 4, 0)]
+_TUNED: dict = {}
+_FAILED: set = set()
+
 
 def rows_fit(bn: int, nwarps: int, K: int, dual: bool) -> bool:
     """Whether the persistent whole-row kernel's two W tiles (and x) fit in registers without spilling: at most 128
     W elements per thread and tile, and at most 2 rows of 8192 (checked at sm_90 by tests/inference)."""
     k = _pow2(K)
     return bn * k <= 16384 and bn * k * (2 if dual else 1) <= 4096 * nwarps
-_DOT_CONFIGS = [(32, 128, 4, 0), (16, 256, 4, 0)]
-_TUNED: dict = {}
-_FAILED: set = set()
 
 
 @functools.cache
@@ -613,7 +614,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     def launch(cfg, out, res, parts, conv):
         bn, bk, nwarps, acc2d = cfg
         if bk == 0:  # persistent whole-row programs; acc2d holds the programs per SM
-            return _launchrows_view(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, acc2d, pdl)
+            return _launch_rows(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, acc2d, pdl)
         grid = triton.cdiv(N, bn)
         csb, cs = 1, None
         if conv is not None:
@@ -653,7 +654,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     return launch(cfg, out, res, parts, conv)
 
 
-def _launchrows_view(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, per_sm, pdl) -> int:
+def _launch_rows(x, w, out, N, K, bias, pro, nw, eps, res, epi, dual, bn, nwarps, per_sm, pdl) -> int:
     tiles = triton.cdiv(N, bn)
     sms = 4 if interpreting() else _sm_count(cuda_index(x.device))  # few programs: several tiles each
     grid = min(tiles, sms * per_sm)
@@ -859,8 +860,8 @@ def conv_silu_prefill(xBC, weight, bias, state, mask, split=None):
         assert C == (2 * kv + h) * d and dt.shape == (b, L, h) and dt.is_contiguous()
         q, k, v = (torch.empty(b, L, h, d, dtype=xBC.dtype, device=xBC.device) for _ in range(3))
         out, kvd, rep = q, kv * d, h // kv
-    BT, BC = 16, 128 if split is None else min(128, d)
     assert split is None or split_ok(d), f"split: head dim {d} is not a power of two >= 16"
+    BT, BC = 16, 128 if split is None else min(128, d)
     _conv_silu_prefill_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
         xBC, xBC.stride(0), xBC.stride(1), state if state is not None else weight, weight,
         bias if bias is not None else weight, mk if mk is not None else weight, out, L, C,

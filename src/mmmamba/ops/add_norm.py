@@ -76,9 +76,9 @@ def fused_add_rmsnorm(x, w, eps: float, delta=None):
     h = torch.empty(shape, dtype=x.dtype, device=x.device) if delta is not None else x
     d2 = rows_view(delta) if delta is not None else x2
     h2 = rows_view(h)
-    block = 1 << max(0, N - 1).bit_length()
     _add_rmsnorm_kernel[(x2.shape[0],)](x2, x2.stride(0), d2, d2.stride(0), h2, h2.stride(0), w, rows_view(y),
-                                        N, N, float(eps), HAS_DELTA=delta is not None, BLOCK=block,
+                                        N, N, float(eps), HAS_DELTA=delta is not None,
+                                        BLOCK=triton.next_power_of_2(N),
                                         num_warps=4 if N <= 4096 else 8)
     return h, y
 
