@@ -40,6 +40,7 @@ import torch
 os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # as the CLI: fla's autotuning kept on disk
 
 from mmmamba.distill.compile import compile_layers, compile_mixers
+from mmmamba.distill.graphs import GraphedSteps
 from mmmamba.distill.placement import parse_placement
 from mmmamba.distill.stages import (
     EndToEndDistill,
@@ -138,6 +139,23 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def host_timing(step, device, n: int = 5) -> dict:
+    """Per step: host seconds spent issuing the work vs wall seconds to finish it. Issue time close to the wall
+    time means the GPU waits on Python and launches (CPU-bound); much shorter means the GPU is the limit."""
+    torch.cuda.synchronize(device)
+    issue = wall = 0.0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize(device)
+        issue += t1 - t0
+        wall += time.perf_counter() - t0
+    out = {"issue_ms": 1e3 * issue / n, "wall_ms": 1e3 * wall / n}
+    print(f"  host: {out['issue_ms']:.1f} ms to issue a step, {out['wall_ms']:.1f} ms wall per step", flush=True)
+    return out
+
+
 def run_stage(stage, student, teacher, args, device):
     cuda = device.type == "cuda"
     if cuda:
@@ -151,7 +169,8 @@ def run_stage(stage, student, teacher, args, device):
     else:
         if args.grad_ckpt:
             enable_checkpointing(student)
-        module = EndToEndDistill(student, teacher.to(device), chunk_size=args.kl_chunk)
+        module = EndToEndDistill(student, teacher.to(device), chunk_size=args.kl_chunk,
+                                 gather_rows=not args.cuda_graph)
     module.train()
     if args.compile:  # as the recipe option `compile`: elementwise work fused by inductor around our kernels
         compile_mixers(student) if stage in (1, 2) else compile_layers(student) + compile_layers(teacher)
@@ -161,24 +180,34 @@ def run_stage(stage, student, teacher, args, device):
     gen = torch.Generator(device=device).manual_seed(0)
     vocab = student.config.vocab_size
 
-    def step():
-        ids = torch.randint(0, vocab, (b, args.seq), device=device, generator=gen)
-        labels = ids if stage == 3 else None
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = module(ids, None, labels) if stage == 3 else module(ids)
+    def batch():
+        return torch.randint(0, vocab, (b, args.seq), device=device, generator=gen)
+
+    def micro(inputs):
+        ids = inputs["input_ids"]
+        # no autocast weight cache under a graph, as the trainer: the replays cast the fp32 weights themselves
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not args.cuda_graph):
+            loss, _ = module(ids, None, ids) if stage == 3 else module(ids)
         loss.backward()
+        return loss, {}
+
+    forward_backward = GraphedSteps(micro, params) if args.cuda_graph else micro
+
+    def step():
+        loss, _ = forward_backward({"input_ids": batch()})
         torch.nn.utils.clip_grad_norm_(params, 5.0)
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not args.cuda_graph)  # a graph's gradient tensors stay
         return loss
 
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
+    for _ in range(max(args.warmup, 3 if args.cuda_graph else 0)):  # graphs: 2 eager steps, then the capture
         step()
     _sync(device)
     warm_s = time.perf_counter() - t0
     print(f"stage {stage}: {args.warmup} warm-up steps took {warm_s:.1f} s (first-use tuning / compiling)", flush=True)
     top = profile_step(step, args.profile) if args.profile and cuda else {}
+    host = host_timing(step, device) if cuda else {}
     t0 = time.perf_counter()
     for _ in range(args.steps):
         loss = step()
@@ -196,7 +225,7 @@ def run_stage(stage, student, teacher, args, device):
         "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
         "layer_types": "".join("A" if t == ATTENTION else "M" for t in student.config.layer_types),
         "ssd_backward": os.environ.get("MMMAMBA_SSD_BACKWARD", "auto"), "compile": args.compile, "profile": top,
-        "warmup_s": warm_s,
+        "warmup_s": warm_s, "cuda_graph": args.cuda_graph, "host": host,
     }
     return res
 
@@ -216,6 +245,7 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak dense bf16 TFLOP/s (H100 SXM: 989)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--compile", action="store_true", help="as the recipe option `compile` (torch.compile per layer)")
+    ap.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph")
     ap.add_argument("--profile", type=int, default=0, help="print the N kernels taking most time in one step")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only for a quick correctness dry run")
     args = ap.parse_args()

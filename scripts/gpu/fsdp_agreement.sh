@@ -25,7 +25,7 @@ print("|---|---|---|---|---|")
 print(f"| {len(a)} / {len(b)} | {a[0]['loss']:.5g} / {b[0]['loss']:.5g} | {a[-1]['loss']:.5g} / {b[-1]['loss']:.5g} "
       f"| {d:.2e} | {a[-1]['tokens_per_s']:,.0f} / {b[-1]['tokens_per_s']:,.0f} |")
 wa, wb = load_file(f"{W}/one/stage3/model.safetensors"), load_file(f"{W}/two/stage3/model.safetensors")
-assert wa.keys() == wb.keys(), "saved tensors differ in names"
+assert wa.keys() == wb.keys(), f"saved tensor names differ: {sorted(set(wa) ^ set(wb))}"
 rel = max(float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp(min=1e-12)) for k in wa)
 print(f"\nsaved stage-3 weights: {len(wa)} tensors, same names; max relative difference {rel:.2e}")
 PY

@@ -90,3 +90,32 @@ def test_kl_ce_loss_hand_computed():
     kl_t = (0.5 * (torch.log(0.5 / q))).sum() * 4
     loss, _ = kl_ce_loss(hs, ht, s_head, t_head, select, labels, temperature=2.0)
     assert loss.item() == pytest.approx(kl_t.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+def test_kl_ce_loss_by_weights_equals_gathered_rows(ce_weight):
+    """gather=False (every row through the heads, unselected ones weighted 0: no host sync, for CUDA graphs)
+    gives the gathered loss, metrics and gradients."""
+    torch.manual_seed(0)
+    b, l, H, V = 2, 7, 8, 11
+    s_head, t_head = torch.nn.Linear(H, V), torch.nn.Linear(H, V)
+    ht = torch.randn(b, l, H)
+    labels = torch.randint(0, V, (b, l))
+    labels[0, :3] = -100
+    labels[1, 5:] = -100
+    mask = torch.ones(b, l, dtype=torch.long)
+    mask[1, -1] = 0
+    select = kl_positions(mask, labels, "assistant")
+    out = []
+    for gather in (True, False):
+        hs = torch.randn(b, l, H, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        s_head.zero_grad()
+        loss, m = kl_ce_loss(hs, ht, s_head, t_head, select, labels, ce_weight=ce_weight, chunk_size=4,
+                             gather=gather)
+        loss.backward()
+        out.append((loss.detach(), m, hs.grad, s_head.weight.grad.clone()))
+    (l1, m1, g1, w1), (l2, m2, g2, w2) = out
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=0)
+    assert m1.keys() == m2.keys() and all(torch.allclose(m1[k].float(), m2[k].float(), rtol=1e-6) for k in m1)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(w2, w1, rtol=1e-5, atol=1e-8)

@@ -77,6 +77,8 @@ def test_unset_env_var_is_named(monkeypatch):
     ({**BASE, "placement": "sometimes:4"}, "placement: placement kind 'sometimes' unknown"),
     ({**BASE, "precision": "fp8"}, "precision 'fp8' unknown"),
     ({**BASE, "data": [1]}, "data: expected a mapping"),
+    ({**BASE, "stages": {1: {"cuda_graph": "yes"}}}, r"stages\.1\.cuda_graph"),
+    ({**BASE, "defaults": {"compile": True, "cuda_graph": True}}, "compile and cuda_graph both set"),
 ])
 def test_errors_name_the_field(raw, match):
     if match is None:  # batch not a multiple of the micro-batch: caught when the process count is known
@@ -86,6 +88,11 @@ def test_errors_name_the_field(raw, match):
         return
     with pytest.raises(RecipeError, match=match):
         parse_recipe(raw)
+
+
+def test_cuda_graph_option():
+    r = parse_recipe({**BASE, "stages": {3: {"cuda_graph": True}}})
+    assert [r.stages[s].cuda_graph for s in (1, 2, 3)] == [False, False, True]
 
 
 def test_auto_placement_spec_is_accepted():

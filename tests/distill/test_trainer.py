@@ -19,6 +19,7 @@ from mmmamba.distill.trainer import (
     StopTraining,
     build_optimizer,
     build_scheduler,
+    drop_tied_copies,
     run_distill,
 )
 from mmmamba.io import save_model
@@ -420,3 +421,50 @@ def test_compile_option_compiles_teacher_step_mixers_and_layers(tmp_path, monkey
     assert compile_mixers(model) == 2 and compile_mixers(model) == 0  # every:2 leaves 2 mixers; never twice
     with pytest.raises(Exception, match="compile"):
         parse_recipe({"teacher": "t", "output_dir": "o", "defaults": {"compile": "sometimes"}})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_head_written_once_from_gathered_copies(tmp_path, tied):
+    """FSDP gathers the tied LM head and embedding as two CPU copies; the saved folder must still hold the head
+    once (as on one device) and load back to the same model."""
+    from conftest import tiny_model
+
+    model = tiny_model(["attention", "mamba2", "attention", "mamba2"], tie_word_embeddings=tied)
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # no shared storage, as FSDP's offload
+    sd = drop_tied_copies(gathered, model)
+    assert ("lm_head.weight" in sd) == (not tied)
+    keys = set(sd)  # save_pretrained empties the dict it is given as it writes
+    model.save_pretrained(tmp_path, state_dict=sd, safe_serialization=True)
+    assert set(load_file(tmp_path / "model.safetensors")) == keys
+    back = MMMambaForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    if tied:
+        gathered["lm_head.weight"] = gathered["lm_head.weight"] + 1
+        with pytest.raises(RuntimeError, match="tied"):
+            drop_tied_copies(gathered, model)
+
+
+def test_cuda_graph_refused_for_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = _recipe(tmp_path / "t", tmp_path / "o", cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph: true runs on one GPU"):
+        StageRunner(r, 1, data=_batches(2), **QUIET).run()
+
+
+def test_cuda_graph_settings_train_as_eager_on_cpu(tmp_path):
+    """`cuda_graph: true` on a CPU says it runs eagerly. What it changes besides the graphs, gradients zeroed in
+    place and stage 3's KL rows selected by weight instead of gathered, trains the same model: stages 1-2
+    bit-identical, stage 3 within fp32 rounding. Unpadded batches lose their all-ones mask on the way."""
+    _teacher(tmp_path / "t")
+    data = _batches(5) + _batches(3, seed=1, pad=False)
+    run_distill(_recipe(tmp_path / "t", tmp_path / "a"), data=data, **QUIET)
+    said = []
+    run_distill(_recipe(tmp_path / "t", tmp_path / "b", cuda_graph=True), data=data, progress=False, log=said.append)
+    assert sum("cuda_graph needs a GPU; running eagerly" in s for s in said) == 3
+    for stage in (1, 2):
+        _assert_identical(tmp_path / "a" / f"stage{stage}", tmp_path / "b" / f"stage{stage}")
+    wa, wb = _weights(tmp_path / "a" / "stage3"), _weights(tmp_path / "b" / "stage3")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7)

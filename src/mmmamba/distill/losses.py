@@ -67,11 +67,14 @@ def kl_ce_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     chunk_size: int = 1024,
+    gather: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Stage-3 loss = mean over selected positions of T^2 KL(teacher || student) + ce_weight x mean CE.
 
     student_hidden, teacher_hidden: (b, l, H) final (normed) hidden states; select: (b, l) bool from
-    `kl_positions`; labels: (b, l), CE at position t targets labels[t+1]. Never forms a (b, l, V) tensor."""
+    `kl_positions`; labels: (b, l), CE at position t targets labels[t+1]. Never forms a (b, l, V) tensor.
+    gather: True = only the rows that enter the KL or CE go through the heads (boolean indexing: a host sync);
+    False = every row does, the others with weight 0 (no sync, fixed shapes: what a CUDA graph needs)."""
     want_ce = ce_weight > 0 and labels is not None
     targets = None
     rows = select
@@ -79,9 +82,11 @@ def kl_ce_loss(
         nxt = torch.full_like(labels, -100)
         nxt[:, :-1] = labels[:, 1:]
         rows = select | (nxt != -100)
-        targets = nxt[rows]
-    hs, ht = student_hidden[rows], teacher_hidden[rows]
-    kl_w = select[rows]
+        targets = nxt[rows] if gather else nxt.flatten()
+    if gather:
+        hs, ht, kl_w = student_hidden[rows], teacher_hidden[rows], select[rows]
+    else:
+        hs, ht, kl_w = student_hidden.flatten(0, 1), teacher_hidden.flatten(0, 1), select.flatten()
     kl_sum, ce_sum = chunked_kl_ce(
         hs, ht, student_head.weight, teacher_head.weight, temperature=temperature, kl_weights=kl_w,
         targets=targets, chunk_size=chunk_size, student_bias=student_head.bias, teacher_bias=teacher_head.bias,

@@ -39,7 +39,7 @@ COMMON_DEFAULTS = dict(
     weight_decay=0.05, betas=[0.9, 0.999], eps=1e-8, grad_clip=5.0, warmup=0.1, decay=0.1, decay_type="cosine",
     min_lr_ratio=0.0, steps=20000, seq_len=8192, gradient_checkpointing=False, log_every=10, save_every=1000,
     keep_checkpoints=2, train_a=False, trainable=None, input=None, input_stage=None, data=None, grad_accum=None,
-    placement_batches=16, compile=False,
+    placement_batches=16, compile=False, cuda_graph=False,
 )
 STAGE_DEFAULTS = {
     1: dict(lr=1e-3, batch_size=128, micro_batch_size=2, loss=dict(target="heads", factor=1000.0)),
@@ -71,6 +71,7 @@ class StageConfig:
     min_lr_ratio: float
     gradient_checkpointing: bool
     compile: bool  # torch.compile the per-layer work (GPU): teacher layers, Mamba-2 mixers (see trainer)
+    cuda_graph: bool  # replay each micro-batch's forward + backward from a CUDA graph (one GPU; distill.graphs)
     log_every: int
     save_every: int
     keep_checkpoints: int
@@ -214,6 +215,7 @@ def _stage(stage: int, raw: dict, defaults: dict, where: str) -> StageConfig:
         min_lr_ratio=_num(merged["min_lr_ratio"], f"{w}.min_lr_ratio", nonneg=True),
         gradient_checkpointing=_bool(merged["gradient_checkpointing"], f"{w}.gradient_checkpointing"),
         compile=_bool(merged["compile"], f"{w}.compile"),
+        cuda_graph=_bool(merged["cuda_graph"], f"{w}.cuda_graph"),
         log_every=_num(merged["log_every"], f"{w}.log_every", int, positive=True),
         save_every=_num(merged["save_every"], f"{w}.save_every", int, positive=True),
         keep_checkpoints=_num(merged["keep_checkpoints"], f"{w}.keep_checkpoints", int, nonneg=True),
@@ -230,6 +232,9 @@ def _stage(stage: int, raw: dict, defaults: dict, where: str) -> StageConfig:
     cfg.betas = [_num(b, f"{w}.betas", nonneg=True) for b in cfg.betas]
     if cfg.warmup + cfg.decay > 1 and cfg.warmup < 1:
         raise RecipeError(f"{w}: warmup ({cfg.warmup}) + decay ({cfg.decay}) fractions exceed 1")
+    if cfg.cuda_graph and cfg.compile:
+        raise RecipeError(f"{w}: compile and cuda_graph both set; use one (a captured graph already removes the "
+                          "launch overhead that compile's fusion reduces)")
     if cfg.decay_type not in ("linear", "cosine", "1-sqrt"):
         raise RecipeError(f"{w}.decay_type: {cfg.decay_type!r} unknown; use linear, cosine or 1-sqrt")
     if cfg.trainable is not None:

@@ -175,7 +175,8 @@ class EndToEndDistill(nn.Module):
     The teacher is held outside the module's parameters (not wrapped by DDP / FSDP, never trained)."""
 
     def __init__(self, student: MMMambaForCausalLM, teacher: MMMambaForCausalLM, temperature: float = 1.0,
-                 positions: str = "assistant", ce_weight: float = 0.0, chunk_size: int = 1024):
+                 positions: str = "assistant", ce_weight: float = 0.0, chunk_size: int = 1024,
+                 gather_rows: bool = True):
         super().__init__()
         if positions not in ("assistant", "all"):
             raise ValueError(f"positions {positions!r} unknown; use 'assistant' or 'all'")
@@ -185,6 +186,7 @@ class EndToEndDistill(nn.Module):
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())
         self.temperature, self.positions = float(temperature), positions
         self.ce_weight, self.chunk_size = float(ce_weight), int(chunk_size)
+        self.gather_rows = gather_rows  # False: KL rows selected by weight, no host sync (CUDA graphs)
 
     def forward(self, input_ids, attention_mask=None, labels=None, pixel_values=None, **_unused):
         cm = _compute_mask(attention_mask)
@@ -196,6 +198,7 @@ class EndToEndDistill(nn.Module):
         return kl_ce_loss(
             hs.last_hidden_state, ht.last_hidden_state, self.student.lm_head, self.teacher.lm_head, select, labels,
             temperature=self.temperature, ce_weight=self.ce_weight, chunk_size=self.chunk_size,
+            gather=self.gather_rows,
         )
 
 

@@ -366,6 +366,10 @@ class DataStream:
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise ValueError(f"a batch must be a dict with input_ids (and attention_mask, labels), got {type(batch)}")
         dev = self.acc.device
+        am = batch.get("attention_mask")
+        if torch.is_tensor(am) and am.device.type == "cpu" and bool(am.all()):
+            # no padding: the mask changes nothing, and without it the step needs no host sync (CUDA graphs)
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items() if k in BATCH_KEYS}
 
 
@@ -543,14 +547,18 @@ class StageRunner:
     # -- main -------------------------------------------------------------------------------------------
     def run(self) -> Path:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
+        from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
 
         from ..teachers.hf import load_teacher, resolve_teacher
 
         recipe, cfg, stage = self.recipe, self.cfg, self.stage
         precision = _precision(recipe)
         plugin = None
-        if recipe.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.cuda_graph and world > 1:
+            raise ValueError("cuda_graph: true runs on one GPU (a graph cannot hold DDP's or FSDP's gradient "
+                             "communication); set cuda_graph: false for multi-GPU runs")
+        if recipe.distributed == "fsdp" and world > 1:
             if not torch.cuda.is_available():
                 raise ValueError("distributed: fsdp needs GPUs (accelerate's FSDP has no CPU backend); use "
                                  "distributed: ddp for several CPU processes")
@@ -564,7 +572,9 @@ class StageRunner:
         self.acc = acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun) then form a gloo group
             mixed_precision=precision,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+            # a captured graph must cast the fp32 weights itself on every replay: no autocast weight cache
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
+                             AutocastKwargs(cache_enabled=not cfg.cuda_graph)],
             fsdp_plugin=plugin,
         )
         from accelerate.utils import set_seed
@@ -634,7 +644,7 @@ class StageRunner:
             teacher = teacher.to(acc.device, tdtype)
             module = EndToEndDistill(student, teacher, temperature=loss_cfg["temperature"],
                                      positions=loss_cfg["positions"], ce_weight=loss_cfg["ce_weight"],
-                                     chunk_size=loss_cfg["chunk_size"])
+                                     chunk_size=loss_cfg["chunk_size"], gather_rows=not cfg.cuda_graph)
         module.train()
         if cfg.compile:
             if stage == 3:
@@ -687,6 +697,7 @@ class StageRunner:
                    disable=not (self.progress and acc.is_main_process))
         win = {"loss": 0.0, "n": 0, "tokens": 0, "t": 0.0, "extra": {}}
         trainable = [p for p in module.parameters() if p.requires_grad]
+        micro_step = self._micro_step(module, accum, trainable)
         last = {}
         try:
             while step < cfg.steps:
@@ -696,8 +707,7 @@ class StageRunner:
                     batch = stream.next()
                     sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(module)
                     with sync:
-                        loss, metrics = module(**batch)
-                        acc.backward(loss / accum)
+                        loss, metrics = micro_step(batch)
                     step_loss += loss.detach().float() / accum
                     am = batch.get("attention_mask")
                     step_tokens += int(am.sum()) if am is not None else batch["input_ids"].numel()
@@ -711,7 +721,7 @@ class StageRunner:
                 lr_used = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not cfg.cuda_graph)  # a graph's gradient tensors stay
                 step += 1
                 loss_val = float(acc.reduce(step_loss.detach(), reduction="mean"))
                 step_tokens = int(acc.reduce(torch.tensor(step_tokens, device=acc.device), reduction="sum"))
@@ -759,6 +769,23 @@ class StageRunner:
                  f"-> {self.final_dir}")
         return self.final_dir
 
+    def _micro_step(self, module, accum: int, trainable: list):
+        """batch -> (loss, metrics) after forward and backward; replayed from CUDA graphs under `cuda_graph`."""
+
+        def micro(batch):
+            loss, metrics = module(**batch)
+            self.acc.backward(loss / accum)
+            return loss, metrics
+
+        if not self.cfg.cuda_graph:
+            return micro
+        if self.acc.device.type != "cuda":
+            self.log(f"stage {self.stage}: cuda_graph needs a GPU; running eagerly")
+            return micro
+        from .graphs import GraphedSteps
+
+        return GraphedSteps(micro, trainable, log=self.log)
+
     # -- placement (stage 3) -----------------------------------------------------------------------------
     def _place(self, student, teacher, tokenizer):
         from .placement import auto_count, resolve_placement
@@ -797,7 +824,8 @@ class StageRunner:
 
     def _student_state(self, ctx) -> dict:
         sd = self.acc.get_state_dict(ctx["module"])
-        return {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+        sd = {k[len("student."):]: v for k, v in sd.items() if k.startswith("student.")}
+        return drop_tied_copies(sd, self.acc.unwrap_model(ctx["module"]).student) if sd else sd
 
     def _write_model(self, tmp: Path, ctx, sd: dict) -> None:
         student = self.acc.unwrap_model(ctx["module"]).student
@@ -883,6 +911,21 @@ def fsdp_mixed_precision():
 
 def _is_fsdp(acc) -> bool:
     return getattr(acc.state, "fsdp_plugin", None) is not None and acc.num_processes > 1
+
+
+def drop_tied_copies(sd: dict, model) -> dict:
+    """`sd` without the keys `model` ties to another (the LM head tied to the embedding). FSDP's gathered full
+    state dict holds the two as separate CPU copies, which save_pretrained would then both write; on one device
+    they share storage and it writes one. Refuses tied copies that differ: dropping one would lose weights."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return sd
+    sd = dict(sd)
+    for copy_key, source in (getattr(model, "_tied_weights_keys", None) or {}).items():
+        if copy_key in sd and source in sd:
+            if not torch.equal(sd[copy_key], sd[source]):
+                raise RuntimeError(f"{copy_key} and {source} are tied but the state dict holds different values")
+            del sd[copy_key]
+    return sd
 
 
 def _optimizer_state(acc, module, optimizer) -> dict:

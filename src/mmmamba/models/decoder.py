@@ -132,7 +132,9 @@ class MMMambaModel(MMMambaPreTrainedModel):
         if cache is not None:
             prev = cache.next_position if past else torch.zeros(b, dtype=torch.long, device=device)
             cache.key_mask, cache.next_position = full_mask, prev + new_mask.long().sum(1)
-        padded = not bool(full_mask.all())
+        # without a mask there is no padding to find: no host sync, so a training step can be a CUDA graph
+        masked = attention_mask is not None or past > 0  # the cache may hold earlier padding
+        padded = masked and not bool(full_mask.all())
         attn_mask = None
         if padded or (past and l > 1):
             t = past + l
@@ -141,7 +143,7 @@ class MMMambaModel(MMMambaPreTrainedModel):
             allowed = (kpos <= qpos)[None] & full_mask[:, None, :]
             attn_mask = (allowed | (kpos == qpos)[None])[:, None]  # a pad query still sees itself: no NaN
         rope = {i: r(position_ids, dtype) for i, r in enumerate(self.rotary)}
-        pad_mask = new_mask if not bool(new_mask.all()) else None
+        pad_mask = new_mask if attention_mask is not None and not bool(new_mask.all()) else None
         return StepContext(rope, attn_mask, pad_mask, cache), position_ids
 
     def forward(
