@@ -189,7 +189,7 @@ def run_stage(stage, student, teacher, args, device):
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not args.cuda_graph):
             loss, _ = module(ids, None, ids) if stage == 3 else module(ids)
         loss.backward()
-        return loss, {}
+        return loss.detach(), {}
 
     forward_backward = GraphedSteps(micro, params) if args.cuda_graph else micro
 

@@ -99,3 +99,22 @@ def test_rope_keeps_fp32_frequencies_after_cast():
     assert cast.inv_freq.dtype == torch.bfloat16
     got = cast(pos, torch.bfloat16)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_rope_of_a_bf16_model_keeps_fp32_frequencies_without_host_copies(monkeypatch):
+    """model.to(bf16) casts the frequency buffer; the angles must still come from fp32 frequencies, rebuilt once
+    and kept (a step that copied them from the host again could not be captured in a CUDA graph)."""
+    from mmmamba.layers import rope as rope_mod
+
+    r32 = RotaryEmbedding(16, 10000.0)
+    r16 = RotaryEmbedding(16, 10000.0).to(torch.bfloat16)
+    assert r16.inv_freq.dtype == torch.bfloat16
+    pos = torch.arange(4000)[None]
+    cos32, sin32 = r32(pos, torch.float32)
+    cos16, sin16 = r16(pos, torch.float32)
+    torch.testing.assert_close(cos16, cos32, rtol=0, atol=0)  # bf16 frequencies would be off by ~1 rad here
+    torch.testing.assert_close(sin16, sin32, rtol=0, atol=0)
+    built = []
+    monkeypatch.setattr(rope_mod, "rope_inv_freq", lambda *a: built.append(a) or torch.zeros(8))
+    r16(pos, torch.float32)
+    assert built == []

@@ -17,6 +17,7 @@ What a graph needs, and how it is met here:
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,8 @@ def batch_signature(batch: dict) -> tuple:
 
 class GraphedSteps:
     """fn(batch) -> (loss, metrics) runs forward and backward of one micro-batch; calls replay it from a graph.
+    fn returns detached tensors: a loss still holding its autograd graph would keep the last eager step's
+    gradient-accumulation nodes (and their stream) alive into the capture.
 
     The returned loss and metrics of a replay are the graph's static tensors: read (or copy) them before the next
     call. `log` gets one line when a graph is captured, and when a batch cannot be graphed (first time only)."""
@@ -101,7 +104,9 @@ class GraphedSteps:
         except Exception as e:  # an op that syncs with the host, or a library that does not allow capture
             self.failed = True
             torch.cuda.synchronize()
-            self.log(f"cuda_graph: capture failed ({type(e).__name__}: {str(e).splitlines()[0]}); running eagerly")
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            self.log(f"cuda_graph: capture failed ({type(e).__name__}: {str(e).splitlines()[0]} at "
+                     f"{where.filename}:{where.lineno}); running eagerly")
             return None
         if [p.grad.data_ptr() for p in self.params] != ptrs:
             # the backward replaced a .grad instead of adding into it: replays would not accumulate

@@ -775,7 +775,7 @@ class StageRunner:
         def micro(batch):
             loss, metrics = module(**batch)
             self.acc.backward(loss / accum)
-            return loss, metrics
+            return loss.detach(), metrics  # no autograd graph kept alive into the next micro-step
 
         if not self.cfg.cuda_graph:
             return micro

@@ -39,17 +39,27 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling  # to rebuild the buffer (reset_inv_freq)
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self._fp32_cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def reset_inv_freq(self) -> None:
         """Recompute the non-persistent buffer; `from_pretrained` leaves it uninitialised (built on the meta device)."""
         self.inv_freq.copy_(rope_inv_freq(self.head_dim, self.theta, self.scaling))
+        self._fp32_cache.clear()
+
+    def _fp32_inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The frequencies in fp32 on `device`. model.to(bf16) casts the buffer too; the fp32 values are then
+        rebuilt once per device and kept, so a step copies nothing from the host (a CUDA graph could not)."""
+        inv = self.inv_freq
+        if inv.dtype == torch.float32 and inv.device == device:
+            return inv
+        key = str(device)
+        if key not in self._fp32_cache:
+            self._fp32_cache[key] = rope_inv_freq(self.head_dim, self.theta, self.scaling).to(device)
+        return self._fp32_cache[key]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (b, l) -> cos, sin (b, l, head_dim)."""
-        inv = self.inv_freq
-        if inv.dtype != torch.float32:  # model.to(bf16) casts buffers too; positions need fp32 frequencies
-            inv = rope_inv_freq(self.head_dim, self.theta, self.scaling)
-        freqs = position_ids.float().unsqueeze(-1) * inv.to(position_ids.device)
+        freqs = position_ids.float().unsqueeze(-1) * self._fp32_inv_freq(position_ids.device)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
