@@ -445,11 +445,21 @@ def test_tied_head_written_once_from_gathered_copies(tmp_path, tied):
             drop_tied_copies(gathered, model)
 
 
-def test_cuda_graph_refused_for_several_processes(tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    r = _recipe(tmp_path / "t", tmp_path / "o", cuda_graph=True)
-    with pytest.raises(ValueError, match="cuda_graph: true runs on one GPU"):
-        StageRunner(r, 1, data=_batches(2), **QUIET).run()
+def test_cuda_graph_says_when_it_runs_eagerly(tmp_path, monkeypatch):
+    """One recipe serves one GPU and several: under DDP / FSDP, or on a CPU, cuda_graph says it runs eagerly."""
+    said = []
+    runner = StageRunner(_recipe(tmp_path / "t", tmp_path / "o", cuda_graph=True), 1, progress=False,
+                         log=said.append)
+
+    class Acc:
+        device, num_processes, is_main_process = torch.device("cuda", 0), 2, True
+
+    runner.acc = Acc()
+    step = runner._micro_step(torch.nn.Linear(2, 2), 1, [])
+    assert "runs on one GPU only" in said[-1] and step.__name__ == "micro"
+    Acc.device, Acc.num_processes = torch.device("cpu"), 1
+    runner._micro_step(torch.nn.Linear(2, 2), 1, [])
+    assert "needs a GPU" in said[-1]
 
 
 def test_cuda_graph_settings_train_as_eager_on_cpu(tmp_path):

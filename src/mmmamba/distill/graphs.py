@@ -11,6 +11,8 @@ What a graph needs, and how it is met here:
   positions by weights instead of boolean indexing (`EndToEndDistill(gather_rows=False)`);
 - static gradient tensors: the backward accumulates into `.grad` tensors that exist before the capture and keep
   their storage, so the caller zeroes them in place (`zero_grad(set_to_none=False)`) and never replaces them;
+- memory: the graphs share one pool, so activations take the memory of one step, not one per graph; that is
+  safe because a replay's outputs (loss, metrics) are consumed before any other replay;
 - warm-up: the first `warmup` occurrences of a signature run eagerly on a side stream (fla's autotuning, the
   one-off kernel checks, cuBLAS workspaces), as torch.cuda.graphs asks; they are real steps, counted once.
 """
@@ -45,6 +47,7 @@ class GraphedSteps:
         self._told: set[str] = set()
         self._side = torch.cuda.Stream()
         self._ptrs: list[int] = []
+        self._pool = None  # one memory pool for all graphs: each replay's outputs are read before the next
 
     def _tell(self, why: str, msg: str) -> None:
         if why not in self._told:
@@ -99,7 +102,7 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
         try:
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self._pool):
                 out = self.fn({**batch, **static})
         except Exception as e:  # an op that syncs with the host, or a library that does not allow capture
             self.failed = True
@@ -113,7 +116,7 @@ class GraphedSteps:
             self.failed = True
             self.log("cuda_graph: the captured backward did not accumulate in place; running eagerly")
             return None
-        self._ptrs = ptrs
+        self._ptrs, self._pool = ptrs, self._pool or graph.pool()
         self.graphs[key] = entry = (static, graph, out)
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in static.items())
         self.log(f"cuda_graph: captured forward + backward for {shapes}")

@@ -554,11 +554,7 @@ class StageRunner:
         recipe, cfg, stage = self.recipe, self.cfg, self.stage
         precision = _precision(recipe)
         plugin = None
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if cfg.cuda_graph and world > 1:
-            raise ValueError("cuda_graph: true runs on one GPU (a graph cannot hold DDP's or FSDP's gradient "
-                             "communication); set cuda_graph: false for multi-GPU runs")
-        if recipe.distributed == "fsdp" and world > 1:
+        if recipe.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             if not torch.cuda.is_available():
                 raise ValueError("distributed: fsdp needs GPUs (accelerate's FSDP has no CPU backend); use "
                                  "distributed: ddp for several CPU processes")
@@ -781,6 +777,10 @@ class StageRunner:
             return micro
         if self.acc.device.type != "cuda":
             self.log(f"stage {self.stage}: cuda_graph needs a GPU; running eagerly")
+            return micro
+        if self.acc.num_processes > 1:
+            self.log(f"stage {self.stage}: cuda_graph runs on one GPU only (a graph cannot hold DDP's or FSDP's "
+                     "gradient communication); running eagerly")
             return micro
         from .graphs import GraphedSteps
 
