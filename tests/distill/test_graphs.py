@@ -18,7 +18,7 @@ def test_batch_signature_names_shapes_and_dtypes():
     assert batch_signature(a) != batch_signature({**a, "input_ids": torch.zeros(2, 9, dtype=torch.long)})
 
 
-def _modules(stage: int):
+def _modules(stage: int, bf16: bool):
     from conftest import tiny_model
 
     from mmmamba.distill.stages import EndToEndDistill, LayerwiseDistill, set_trainable
@@ -27,20 +27,25 @@ def _modules(stage: int):
     if stage == 1:
         student = tiny_model(["mamba2"] * 4).cuda()
         set_trainable(student, 1)
-        return LayerwiseDistill(student, teacher.to(torch.bfloat16))  # a bf16 teacher, as on GPU
+        return LayerwiseDistill(student, teacher.to(torch.bfloat16) if bf16 else teacher)  # bf16 as on GPU
     student = tiny_model(["attention", "mamba2", "mamba2", "mamba2"]).cuda()
     set_trainable(student, 3)
     return EndToEndDistill(student, teacher, positions="all", gather_rows=False)
 
 
 @cuda
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [1, 3])
-def test_graphed_steps_match_eager_across_shapes_padding_and_accumulation(stage):
+def test_graphed_steps_match_eager_across_shapes_padding_and_accumulation(stage, bf16):
     """Two batch shapes (two graphs sharing one memory pool), a padded batch run eagerly between replays, and
     two micro-batches accumulated per step: every step's loss and gradients equal the eager ones."""
     from mmmamba.distill.graphs import GraphedSteps
 
-    module = _modules(stage).train()
+    module = _modules(stage, bf16).train()
+    # fp32 is the exactness check (measured on an H200: <= 2.7e-6). bf16 only guards against gross errors (stale
+    # weights, lost accumulation): cuBLAS picks other kernels inside a capture, and stage 1's per-head dt / A
+    # gradients (6 numbers, sums with cancellation) then differ by up to 1.6e-2 from eager.
+    tol = 5e-2 if bf16 else 1e-5
     params = [p for p in module.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
 
@@ -56,7 +61,7 @@ def test_graphed_steps_match_eager_across_shapes_padding_and_accumulation(stage)
            batch(24), batch(16), batch(16), batch(24)]
 
     def micro(b):
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False, enabled=bf16):
             loss, metrics = module(**b) if stage == 3 else module(b["input_ids"], b.get("attention_mask"))
         (loss / 2).backward()
         return loss.detach(), metrics
@@ -80,6 +85,7 @@ def test_graphed_steps_match_eager_across_shapes_padding_and_accumulation(stage)
     assert any("padding" in s for s in said)
     for (la, ga), (lb, gb) in zip(eager, replayed):
         for x, y in zip(la, lb):
-            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
-        for x, y in zip(ga, gb):
-            torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-6)
+            torch.testing.assert_close(y, x, rtol=tol, atol=tol * 1e-3)
+        errs = [float((y - x).norm() / x.norm().clamp_min(1e-12)) for x, y in zip(ga, gb)]
+        print(f"stage {stage} {'bf16' if bf16 else 'fp32'}: worst gradient error {max(errs):.2e}")
+        assert max(errs) < tol, errs
