@@ -19,15 +19,19 @@ W = "$W"
 print("| stage | loss step 1 (eager / graph) | loss last (eager / graph) | max rel. diff over steps "
       "| final weights max rel. diff | tok/s eager | tok/s graph |")
 print("|---|---|---|---|---|---|---|")
+worst = []
 for s in (1, 2, 3):
     a = [json.loads(l) for l in open(f"{W}/eager/logs/stage{s}.jsonl")]
     b = [json.loads(l) for l in open(f"{W}/graph/logs/stage{s}.jsonl")]
     d = max(abs(x["loss"] - y["loss"]) / max(abs(x["loss"]), 1e-12) for x, y in zip(a, b))
     wa, wb = load_file(f"{W}/eager/stage{s}/model.safetensors"), load_file(f"{W}/graph/stage{s}/model.safetensors")
     assert wa.keys() == wb.keys(), sorted(set(wa) ^ set(wb))
-    rel = max(float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp(min=1e-12)) for k in wa)
+    errs = {k: float((wa[k].float() - wb[k].float()).norm() / wa[k].float().norm().clamp(min=1e-12)) for k in wa}
+    rel = max(errs.values())
+    worst.append(f"stage {s}: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(errs.items(), key=lambda kv: -kv[1])[:3]))
     ta, tb = (statistics.median(r["tokens_per_s"] for r in x[3:]) for x in (a, b))
     print(f"| {s} | {a[0]['loss']:.5g} / {b[0]['loss']:.5g} | {a[-1]['loss']:.5g} / {b[-1]['loss']:.5g} "
           f"| {d:.2e} | {rel:.2e} | {ta:,.0f} | {tb:,.0f} |")
+print("\nlargest relative weight differences, per tensor:\n" + "\n".join(worst))
 PY
 grep -h "cuda_graph" $W/graph.log | sort | uniq -c
