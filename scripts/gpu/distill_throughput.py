@@ -5,6 +5,9 @@
 Runs the real stage modules (mmmamba.distill.stages: LayerwiseDistill for stages 1-2, EndToEndDistill for
 stage 3) with fused AdamW, bf16 autocast (fp32 master weights, teacher in bf16), gradient clipping, on synthetic
 random-token batches of `--seq` tokens (no padding). Stage 3 uses the hybrid placement `--placement`.
+`--cuda-graph` replays forward + backward from a CUDA graph as the recipe option `cuda_graph` does
+(mmmamba.distill.graphs). Each stage also prints the host time to issue a step against its wall time: equal
+means the step is bound by the host (Python and launches), not the GPU.
 
 FLOP formula (per token; model FLOPs, recomputation of checkpointed parts is NOT counted):
   H hidden, I MLP width, V vocab, h / g query / KV heads, d head dim, L sequence, c SSD chunk, n = p = d.
