@@ -137,6 +137,49 @@ def profile_step(step, n_top: int) -> dict:
             "top": rows[:n_top]}
 
 
+def attribute_step(fn, n_top: int) -> list[dict]:
+    """CUDA time of one eager call of fn, per (launching op, where it came from): the first mmmamba frame of the
+    op's Python stack, or the autograd node it ran under in the backward. Triton kernels launched from Python (fla,
+    ours) have no aten op and are listed by kernel name. The n_top largest are printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    cpu = {ev.id: ev for ev in events if ev.device_type == torch.autograd.DeviceType.CPU}
+    agg = {}
+    for ev in events:
+        if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time_total <= 0:
+            continue
+        parent = cpu.get(ev.linked_correlation_id)
+        if parent is not None and parent.name.startswith(("cuda", "cu")):  # a runtime call: its op launched it
+            parent = parent.cpu_parent
+        key = ((parent.name, _origin(parent)) if parent is not None
+               else ("kernel " + ev.name[:60], "(no aten op: a Triton launch)"))
+        n, t = agg.get(key, (0, 0.0))
+        agg[key] = (n + 1, t + ev.device_time_total)
+    rows = sorted(({"op": op, "origin": o, "launches": n, "ms": t / 1e3} for (op, o), (n, t) in agg.items()),
+                  key=lambda r: -r["ms"])
+    print(f"  where the kernel time goes (one eager micro-step, {sum(r['ms'] for r in rows):.1f} ms):")
+    for r in rows[:n_top]:
+        print(f"  {r['ms']:8.2f} ms  x{r['launches']:<5} {r['op'][:44]:44} {r['origin']}")
+    return rows[:n_top]
+
+
+def _origin(ev) -> str:
+    """The first mmmamba frame above a profiled op, or the autograd node (backward) it ran under."""
+    e = ev
+    while e is not None:
+        for frame in e.stack or ():
+            if "/mmmamba/" in frame and "distill_throughput" not in frame:
+                return frame.split("/mmmamba/")[-1]
+        if e.name.startswith("autograd::engine::evaluate_function"):
+            return "backward " + e.name.split(": ")[-1]
+        e = e.cpu_parent
+    return "?"
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -210,6 +253,12 @@ def run_stage(stage, student, teacher, args, device):
     warm_s = time.perf_counter() - t0
     print(f"stage {stage}: {args.warmup} warm-up steps took {warm_s:.1f} s (first-use tuning / compiling)", flush=True)
     top = profile_step(step, args.profile) if args.profile and cuda else {}
+    if args.attribute and cuda:  # eager (the kernels a graph replays are these)
+        try:
+            top["attributed"] = attribute_step(lambda: micro({"input_ids": batch()}), args.attribute)
+        except Exception as e:  # a diagnostic: never lose the throughput run to it
+            print(f"  attribution failed: {type(e).__name__}: {e}")
+        opt.zero_grad(set_to_none=not args.cuda_graph)
     host = host_timing(step, device) if cuda else {}
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -250,6 +299,8 @@ def main():
     ap.add_argument("--compile", action="store_true", help="as the recipe option `compile` (torch.compile per layer)")
     ap.add_argument("--cuda-graph", action="store_true", help="replay forward + backward as one CUDA graph")
     ap.add_argument("--profile", type=int, default=0, help="print the N kernels taking most time in one step")
+    ap.add_argument("--attribute", type=int, default=0,
+                    help="print the N (op, source line) pairs taking most kernel time in one eager micro-step")
     ap.add_argument("--device", default="cuda", help="cuda (default); cpu only for a quick correctness dry run")
     args = ap.parse_args()
     device = torch.device(args.device)
