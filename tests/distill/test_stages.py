@@ -17,6 +17,7 @@ from mmmamba.distill.stages import (
     set_trainable,
     trainable_parameter_names,
 )
+from mmmamba.ops.mse import masked_mse
 from mmmamba.seed import seed_student
 
 MIXER = "model.layers.{}.mixer."
@@ -98,13 +99,13 @@ def test_layerwise_feeds_teacher_inputs_and_sdpa_targets(tiny_teacher):
     seen_r, seen_y = {}, {}
     for i, layer in enumerate(student.model.layers):
         mixer = layer.mixer
-        orig = mixer.heads
+        orig = mixer.ssm_heads  # what the stage-1 loss (`heads_mse`) and `heads` both run on the mixer input
 
-        def heads(u, mask=None, state=None, _orig=orig, _i=i):
+        def ssm_heads(u, mask=None, state=None, _orig=orig, _i=i):
             seen_r[_i] = u
             return _orig(u, mask, state)
 
-        mixer.heads = heads
+        mixer.ssm_heads = ssm_heads
     t_layers = module.teacher.model.layers
     r_ref, y_ref = _teacher_capture(tiny_teacher, ids)  # also captures what the module's teacher path gives
     for i in range(4):
@@ -130,9 +131,11 @@ def test_stage1_loss_is_zero_when_mixer_reproduces_target(tiny_teacher, target):
     ids = _ids(l=11)
     pos = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
     cos, sin = student.model.rotary[0](pos, torch.float32)
-    for i, layer in enumerate(student.model.layers):
+    for i, layer in enumerate(student.model.layers):  # the mixer's per-head output becomes the teacher's
         attn = module.teacher.model.layers[i].mixer
         layer.mixer.heads = lambda u, mask=None, state=None, a=attn: a.heads(u, cos, sin, None)
+        layer.mixer.heads_mse = lambda u, t, mask=None, loss_mask=None, mx=layer.mixer: masked_mse(mx.heads(u), t,
+                                                                                                    loss_mask)
     loss, m = module(ids)
     assert loss.item() == 0.0 and torch.equal(m["layer_mse"], torch.zeros(4))
 

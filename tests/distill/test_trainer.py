@@ -382,9 +382,11 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
 
     monkeypatch.setattr(add_norm, "fused_ok", lambda dtype, index: checked.append(("stream", dtype)) or True)
     monkeypatch.setattr(rope, "fused_ok", lambda dtype, index: checked.append(("rope", dtype)) or True)
+    monkeypatch.setattr(gated_norm, "_fused_mse_ok", lambda d, dtype, index: checked.append(("mse", d)) or True)
     runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16, torch.bfloat16)  # stages 1-2
-    assert checked[-2:] == [("stream", torch.bfloat16), ("rope", torch.bfloat16)]
+    assert checked[-3:] == [("mse", d), ("stream", torch.bfloat16), ("rope", torch.bfloat16)]
     assert "teacher stream add + RMSNorm: fused" in said[-1] and "teacher RoPE: fused" in said[-1]
+    assert "per-head MSE in the gated RMSNorm: fused" in said[-1]
     runner._choose_kernels(student, torch.device("cpu"), torch.float32)  # nothing to choose on the CPU
     assert len(asked) == 2 and len(said) == 4
 

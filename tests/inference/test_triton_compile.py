@@ -137,9 +137,13 @@ def test_other_kernels_compile(tk):
     _compile(gn._fwd_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "o_ptr")} | {"w_ptr": "*fp32", "eps": "fp32"},
              dict(D=128, BH=16))
     for d, bh in ((64, 32), (128, 16)):  # SmolLM2 and HoVLE heads
-        k = _compile(gn._bwd_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "dy_ptr", "dx_ptr", "dg_ptr")} |
-                     {"w_ptr": "*fp32", "dw_ptr": "*fp32", "eps": "fp32"}, dict(D=d, BH=bh, BR=16))
-        assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d}: spills"
+        _compile(gn._fwd_mse_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "t_ptr")} |
+                 {n: "*fp32" for n in ("w_ptr", "rw_ptr", "part_ptr")} | {"eps": "fp32"}, dict(D=d, BH=bh, HAS_RW=True))
+        for loss in (False, True):  # from dy, or with the masked MSE's gradient formed in the kernel
+            sig = {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "dy_ptr", "dx_ptr", "dg_ptr", "t_ptr")}
+            sig |= {n: "*fp32" for n in ("w_ptr", "dw_ptr", "rw_ptr", "coef_ptr")} | {"eps": "fp32"}
+            k = _compile(gn._bwd_kernel, sig, dict(D=d, BH=bh, BR=16, LOSS=loss, HAS_RW=loss))
+            assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d} loss={loss}: spills"
     _compile(tk._silu_mul_kernel, {"gu_ptr": f"*{dt}", "o_ptr": f"*{dt}"}, dict(BLOCK=2048))
     from mmmamba.ops import rope  # fused RoPE (prefill, frozen teacher streams)
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mmmamba.layers.attention import Attention
 from mmmamba.layers.mamba2 import SEED_MODES, Mamba2Mixer, SSMState
+from mmmamba.ops.mse import masked_mse
 
 
 def make_pair(make_config, randomize, heads=6, kv=2, d=8, hidden=48, seed=0, **kw):
@@ -135,6 +136,24 @@ def test_gradients_reach_every_parameter(make_config):
     m(torch.randn(2, 11, cfg.hidden_size)).square().sum().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_heads_mse_is_the_masked_mse_of_heads(make_config, randomize):
+    """The stage 1-2 loss path (`heads_mse`: SSD output and gate into the norm's fused loss on CUDA) gives, on the
+    CPU, exactly masked_mse(heads(u)) and the same gradients."""
+    _, _, m = make_pair(make_config, randomize)
+    u = torch.randn(2, 9, 48)
+    target = torch.randn(2, 6, 9, 8).transpose(1, 2)  # as SDPA lays it out
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False
+    grads = []
+    for fn in (lambda: m.heads_mse(u, target, mask, mask), lambda: masked_mse(m.heads(u, mask), target, mask)):
+        m.zero_grad()
+        loss = fn()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0][0], grads[1][0]) and len(grads[0][1]) == len(grads[1][1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 # -- seeding (METHOD.md §2.2) ------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ from ..models import MAMBA2
 
 
 def compile_mixers(model) -> int:
-    """torch.compile the per-head path (`heads`) of every Mamba-2 mixer: inductor fuses what is left between the
-    mixer's own kernels (softplus, splits, repeats, masks); the SSD, conv + SiLU and gated norm keep theirs, outside
-    the graphs. Returns how many mixers were compiled (none twice)."""
+    """torch.compile the per-head path up to the gated norm (`ssm_heads`, which `heads` and `heads_mse` call) of
+    every Mamba-2 mixer: inductor fuses what is left between the mixer's own kernels (softplus, splits, repeats,
+    masks); the SSD, conv + SiLU and gated norm keep theirs, outside the graphs. Returns how many mixers were compiled
+    (none twice)."""
     mixers = [layer.mixer for layer in model.model.layers if layer.layer_type == MAMBA2]
-    return _compile_methods(mixers, "heads")
+    return _compile_methods(mixers, "ssm_heads")
 
 
 def compile_layers(model) -> int:

@@ -135,9 +135,9 @@ class LayerwiseDistill(nn.Module):
         self._stream = torch.compile(stream_layer) if compile else stream_layer
 
     def _student_loss(self, mixer, pad_mask, loss_mask, r, target):
-        y = mixer.heads(r, pad_mask)
-        if self.target == "output":
-            y = mixer.o_proj(y.reshape(*r.shape[:2], -1))
+        if self.target == "heads":
+            return mixer.heads_mse(r, target, pad_mask, loss_mask)
+        y = mixer.o_proj(mixer.heads(r, pad_mask).reshape(*r.shape[:2], -1))
         return masked_mse(y, target, loss_mask)
 
     def train(self, mode: bool = True):

@@ -110,6 +110,15 @@ class Mamba2Mixer(nn.Module):
     def heads(self, u, mask=None, state=None):
         """Per-head output before W_O: (b, l, h, d). mask (b, l): 0 marks (left) padding, whose inputs are
         zeroed before and after the conv so that padded rows equal unpadded ones. state: SSMState or None."""
+        return self.g_norm(*self.ssm_heads(u, mask, state))
+
+    def heads_mse(self, u, target, mask=None, loss_mask=None):
+        """masked_mse(heads(u, mask), target, loss_mask) (the stage 1-2 loss, target (b, l, h, d)); on CUDA the
+        gated norm and the loss run as one kernel each way (`ops.gated_norm.gated_rmsnorm_mse`)."""
+        return self.g_norm.mse(*self.ssm_heads(u, mask), target, loss_mask)
+
+    def ssm_heads(self, u, mask=None, state=None):
+        """What the gated norm takes: the SSD output y and the gate W_G u, each (b, l, h, d)."""
         b, l, _ = u.shape
         xBC, g, dt = self.in_proj(u)
         m = None if mask is None else mask[..., None].to(xBC.dtype)
@@ -139,7 +148,7 @@ class Mamba2Mixer(nn.Module):
             y, final = ssd(v, dt, A, k, q, initial_state=init, backend=self.ssd_backend, chunk_size=self.chunk_size)
             if state is not None:
                 state.conv, state.ssm = conv_state, final.float()
-        return self.g_norm(y, g.reshape(b, l, self.num_heads, self.head_dim))
+        return y, g.reshape(b, l, self.num_heads, self.head_dim)
 
     def forward(self, u, mask=None, state=None):
         y = self.heads(u, mask, state)

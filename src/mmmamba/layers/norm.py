@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..ops.add_norm import rmsnorm_ref
-from ..ops.gated_norm import gated_rmsnorm
+from ..ops.gated_norm import gated_rmsnorm, gated_rmsnorm_mse
 
 
 class RMSNorm(nn.Module):
@@ -36,3 +36,7 @@ class GatedRMSNorm(nn.Module):
             return gated_rmsnorm(x, g, self.weight, self.eps, d)
         flat = (*x.shape[:-2], x.shape[-2] * d)  # heads side by side in a row: one program covers several
         return gated_rmsnorm(x.reshape(flat), g.reshape(flat), self.weight, self.eps, d).view(x.shape)
+
+    def mse(self, x: torch.Tensor, g: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None):
+        """masked_mse(self(x, g), target, mask) (`ops.mse`), fused on CUDA. x, g, target (b, l, h, d); mask (b, l)."""
+        return gated_rmsnorm_mse(x, g, self.weight, self.eps, target, mask)
