@@ -124,6 +124,11 @@ def test_other_kernels_compile(tk):
 
     _compile(add_norm._add_rmsnorm_kernel, {n: f"*{dt}" for n in ("x_ptr", "d_ptr", "h_ptr", "w_ptr", "y_ptr")} |
              {"eps": "fp32"}, dict(HAS_DELTA=True, BLOCK=2048))
+    for block in (1024, 2048):  # the RMSNorm backward (training) at SmolLM2's and HoVLE's widths
+        for xdt in (dt, "fp32"):
+            k = _compile(add_norm._rmsnorm_bwd_kernel, {n: f"*{xdt}" for n in ("x_ptr", "w_ptr", "dy_ptr", "dx_ptr")} |
+                         {"dw_ptr": "*fp32", "eps": "fp32"}, dict(BLOCK=block, BR=16))
+            assert _local_bytes(k) in (None, 0), f"RMSNorm backward {block} {xdt}: spills"
     from mmmamba.ops import conv_silu as cs  # the fused conv + SiLU (training)
     from mmmamba.ops import gated_norm as gn  # the fused gated RMSNorm (prefill and training)
 

@@ -2,9 +2,14 @@
 (y = w * (x / sqrt(mean(x^2) + eps)) with the normalised row rounded to x's dtype, the sum in fp32; the residual
 add rounded to x's dtype).
 
-`rmsnorm_ref` is the torch formula (the module's forward). `add_rmsnorm(..., fused=True)` runs one Triton kernel
-per row instead, for tensors that need no gradient: a frozen teacher's stream, the engine's prefill. Callers decide
-when it may run; `fused_ok` checks the kernel once against the formula.
+`rmsnorm_ref` is the torch formula. `add_rmsnorm(..., fused=True)` runs one Triton kernel per row instead, for
+tensors that need no gradient: a frozen teacher's stream, the engine's prefill. Callers decide when it may run;
+`fused_ok` checks the kernel once against the formula.
+
+`rmsnorm` is the module's forward: on CUDA the same kernel, and under autograd `RMSNormFn` (that kernel forward, one
+backward kernel for dx and per-program partial sums of dw) instead of the ~15 elementwise passes autograd makes of
+the formula, after a one-off check of the gradients too; the formula elsewhere and under torch.compile (which fuses
+it itself).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import functools
 
 import torch
 
-from .checked import passes_check, rel_error
+from .checked import cuda_index, passes_check, rel_error
 
 try:
     import triton
@@ -22,6 +27,7 @@ except Exception:  # pragma: no cover - CPU-only installs
     triton = tl = None
 
 CHECK_TOLERANCE = 1e-2  # relative; bf16 inputs, fp32 sums (the formula rounds the same way)
+MULTI_ROW_MIN = 4096  # from this many rows on, each backward program takes 16 rows (fewer dw partial sums)
 
 
 def rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,6 +72,29 @@ if triton is not None:
         y = (x * r).to(XDT).to(tl.float32) * w
         tl.store(y_ptr + row * stride_y + cols, y.to(XDT), mask=m)
 
+    @triton.jit
+    def _rmsnorm_bwd_kernel(x_ptr, sx, w_ptr, dy_ptr, sdy, dx_ptr, sdx, dw_ptr, ROWS, N, eps,
+                            BLOCK: tl.constexpr, BR: tl.constexpr):
+        """Rows [pid * BR, (pid + 1) * BR): dx = r (dn - n mean(dn n)) with n = x r, dn = dy w; and this program's
+        sum of dw = dy n (n rounded to x's dtype, as the forward multiplies it)."""
+        p = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK,), tl.float32)
+        for i in range(BR):
+            row = (p * BR + i).to(tl.int64)
+            mr = m & (row < ROWS)
+            x = tl.load(x_ptr + row * sx + cols, mask=mr, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + row * sdy + cols, mask=mr, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
+            n = x * r
+            dn = dy * w
+            dx = r * (dn - n * (tl.sum(dn * n, axis=0) / N))
+            tl.store(dx_ptr + row * sdx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mr)
+            dw += dy * n.to(x_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(dw_ptr + p * N + cols, dw, mask=m)
+
 
 def fused_add_rmsnorm(x, w, eps: float, delta=None):
     """The kernel alone: returns (h, y) as `add_rmsnorm`, each of x's shape and dtype (w in x's dtype)."""
@@ -81,6 +110,71 @@ def fused_add_rmsnorm(x, w, eps: float, delta=None):
                                         BLOCK=triton.next_power_of_2(N),
                                         num_warps=4 if N <= 4096 else 8)
     return h, y
+
+
+class RMSNormFn(torch.autograd.Function):
+    """x (..., N), w (N,) in x's dtype -> RMSNorm(x) as `rmsnorm_ref`: the forward kernel; `_rmsnorm_bwd_kernel`."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps: float):
+        _, y = fused_add_rmsnorm(x, w, eps)
+        ctx.save_for_backward(x, w)
+        ctx.eps = float(eps)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        x2 = rows_view(x if x.stride(-1) == 1 else x.contiguous())
+        dy2 = rows_view(dy if dy.stride(-1) == 1 else dy.contiguous())
+        rows, N = x2.shape
+        br = 16 if rows >= MULTI_ROW_MIN else 1
+        grid = (triton.cdiv(rows, br),)
+        dx = torch.empty(rows, N, dtype=x.dtype, device=x.device)
+        dw = torch.empty(grid[0], N, dtype=torch.float32, device=x.device)
+        _rmsnorm_bwd_kernel[grid](x2, x2.stride(0), w, dy2, dy2.stride(0), dx, dx.stride(0), dw, rows, N, ctx.eps,
+                                  BLOCK=triton.next_power_of_2(N), BR=br, num_warps=4 if N <= 4096 else 8)
+        return dx.view(x.shape), dw.sum(0).to(w.dtype), None
+
+
+def rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rmsnorm_ref` (the module's forward). On CUDA, w in x's dtype, outside torch.compile and after their check:
+    the forward kernel alone where no gradient is needed, else `RMSNormFn`."""
+    if (x.is_cuda and x.dtype == w.dtype and x.stride(-1) == 1 and not torch.compiler.is_compiling()
+            and rmsnorm_ok(x.dtype, cuda_index(x.device))):
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return RMSNormFn.apply(x, w, eps)
+        return fused_add_rmsnorm(x, w, eps)[1]
+    return rmsnorm_ref(x, w, eps)
+
+
+def rmsnorm_errors(dtype: torch.dtype, device, rows: int = 37, n: int = 300) -> dict[str, float]:
+    """Relative errors of `RMSNormFn` (y, dx, dw) against the formula under autograd (n not a power of two)."""
+    gen = torch.Generator(device=device).manual_seed(2)
+    x = torch.randn(rows, n, device=device, generator=gen).to(dtype)
+    w = (torch.rand(n, device=device, generator=gen) + 0.5).to(dtype)
+    dy = torch.randn(rows, n, device=device, generator=gen).to(dtype)
+
+    def run(fn):
+        xs, ws = (t.detach().clone().requires_grad_(True) for t in (x, w))
+        y = fn(xs, ws, 1e-5)
+        y.backward(dy)
+        return [y.detach(), xs.grad, ws.grad]
+
+    return dict(zip(("y", "dx", "dw"), map(rel_error, run(RMSNormFn.apply), run(rmsnorm_ref))))
+
+
+@functools.cache
+def rmsnorm_ok(dtype: torch.dtype, device_index: int) -> bool:
+    """Whether `rmsnorm` may use the kernels on this CUDA device in `dtype` (both checked once)."""
+    dev = torch.device("cuda", device_index)
+
+    def errors():  # one row per backward program, and 16 (what long inputs get)
+        short, long = rmsnorm_errors(dtype, dev), rmsnorm_errors(dtype, dev, rows=MULTI_ROW_MIN + 37)
+        return {**short, **{f"{k}|16 rows": v for k, v in long.items()}}
+
+    return fused_ok(dtype, device_index) and passes_check("fused RMSNorm backward", errors, CHECK_TOLERANCE,
+                                                          "torch ops")
 
 
 def fused_errors(dtype: torch.dtype, device, rows: int = 37, n: int = 300) -> dict[str, float]:

@@ -307,6 +307,12 @@ def fused_mse_errors(head_dim: int, dtype: torch.dtype, device, heads: int = 3, 
 
 @functools.cache
 def _fused_mse_ok(head_dim: int, dtype: torch.dtype, device_index: int) -> bool:
-    return triton is not None and passes_check(
-        "fused gated RMSNorm + MSE", lambda: fused_mse_errors(head_dim, dtype, torch.device("cuda", device_index)),
-        CHECK_TOLERANCE, "the gated RMSNorm, then the torch MSE")
+    dev = torch.device("cuda", device_index)
+
+    def errors():  # one row per backward program, and 16 (what long inputs get)
+        short = fused_mse_errors(head_dim, dtype, dev)
+        long = fused_mse_errors(head_dim, dtype, dev, l=MULTI_ROW_MIN // 2 + 19)
+        return {**short, **{f"{k}|16 rows": v for k, v in long.items()}}
+
+    return triton is not None and passes_check("fused gated RMSNorm + MSE", errors, CHECK_TOLERANCE,
+                                               "the gated RMSNorm, then the torch MSE")
