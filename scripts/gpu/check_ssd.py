@@ -1,7 +1,7 @@
 """GPU check: fla-core SSD path vs the chunked torch reference, forward and backward, bf16.
 
 Run on a CUDA machine with fla-core installed:
-    python scripts/gpu/check_ssd.py [--lengths 4096 65536] [--modes native,bk128,torch] [--shapes 16x128,9x64]
+    python scripts/gpu/check_ssd.py [--lengths 4096 65536] [--modes native,bk32,bk128,torch] [--shapes 16x128,9x64]
 Prints one row per (shape, length, backward mode): relative errors of y, final state and the input gradients, and
 forward / forward+backward timings. Modes: ops/ssd_fla.py (native = fla's own backward, where fla allows it).
 """
@@ -82,7 +82,7 @@ def check(L: int, h: int, d: int, modes: list[str], b: int = 1) -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 65536])
-    ap.add_argument("--modes", default="native,bk128,torch")
+    ap.add_argument("--modes", default="native,bk32,bk128,torch")
     ap.add_argument("--shapes", default="16x128,9x64", help="heads x head dim (HoVLE 16x128, SmolLM2 9x64)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -389,6 +390,29 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     assert "per-head MSE in the gated RMSNorm: fused" in said[-1]
     runner._choose_kernels(student, torch.device("cpu"), torch.float32)  # nothing to choose on the CPU
     assert len(asked) == 2 and len(said) == 4
+
+
+def test_several_processes_take_the_first_ones_ssd_backward(tmp_path, monkeypatch):
+    """The dq/dk/dg tile width is timed on each process; with several, all take the first process's choice (forced
+    through MMMAMBA_SSD_BACKWARD, so that every later stage in the process keeps it)."""
+    import accelerate.utils
+    from conftest import tiny_config
+
+    from mmmamba.ops import conv_silu, gated_norm, ssd_fla
+
+    monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "")  # unset (empty) now, and restored after the test
+    monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
+    monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev, h: "bk128")  # this process timed 128 faster
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs: ["bk32"])  # the first process: 32
+    monkeypatch.setattr(gated_norm, "_fused_ok", lambda *a: True)
+    monkeypatch.setattr(conv_silu, "_fused_ok", lambda *a: True)
+    said = []
+    r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
+    runner = StageRunner(r, 3, progress=False, log=said.append)
+    runner.acc = SimpleNamespace(num_processes=2, is_main_process=True)
+    student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
+    runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16)
+    assert os.environ["MMMAMBA_SSD_BACKWARD"] == "bk32" and "32-wide tiles" in said[0]
 
 
 def test_compile_option_compiles_teacher_step_mixers_and_layers(tmp_path, monkeypatch):

@@ -492,6 +492,11 @@ class StageRunner:
         cfg = student.config
         if ssd_fla.fla_available():
             mode = ssd_fla.backward_mode(cfg.head_dim, cfg.head_dim, device, cfg.num_attention_heads)
+            if self.acc is not None and self.acc.num_processes > 1:  # timed per process: all take the first's
+                from accelerate.utils import broadcast_object_list
+
+                mode = broadcast_object_list([mode])[0]
+                os.environ["MMMAMBA_SSD_BACKWARD"] = mode
             self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}. The first steps tune and compile "
                      "fla's kernels: minutes on a new machine, kept on disk for later runs")
         else:

@@ -126,8 +126,8 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     mode = _fla.backward_mode(B.shape[-1], x.shape[-1], x.device, x.shape[2]) if needs_grad else "native"
     if mode == "torch":
         y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, S0)
-    elif mode == "bk128":
-        y, S = _fla.SimpleGLABK128.apply(*_fla.gla_inputs(x, dt, A, B, C), S0)
+    elif mode in _fla.TILES:
+        y, S = _fla.SimpleGLATiles.apply(*_fla.gla_inputs(x, dt, A, B, C), S0, _fla.TILES[mode])
     else:
         y, S = _fla.forward(x, dt, A, B, C, S0)
     return _finish(y, x, D).to(x.dtype), S

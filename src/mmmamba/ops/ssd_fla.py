@@ -3,12 +3,13 @@ g = dt * A and scale 1.
 
 Backward, chosen once per (device, state sizes) by `backward_mode`:
 - "native": fla's own autograd;
-- "bk128": on Hopper with Triton in [3.4, 3.7.1) fla refuses its gated dq/dk/dg kernel (fla #640: Triton
+- "bk32" / "bk128": on Hopper with Triton in [3.4, 3.7.1) fla refuses its gated dq/dk/dg kernel (fla #640: Triton
   miscompiles it with 64-wide K/V tiles; the issue's tile sweep found 32- and 128-wide tiles correct). There the same
-  fla kernels run, with that one kernel launched on 128-wide tiles, after a one-off check of its gradients against
-  the torch reference on random inputs;
-- "torch": fla's forward and a backward that recomputes the chunked torch algorithm (when the check fails).
-`MMMAMBA_SSD_BACKWARD=native|bk128|torch` forces a mode.
+  fla kernels run, with that one kernel launched on 32- or 128-wide tiles: each width is checked once against the
+  torch reference on random inputs, and of those that pass the faster one at the model's head shape is kept (at
+  head dim 64 a 128-wide tile is half padding);
+- "torch": fla's forward and a backward that recomputes the chunked torch algorithm (when no width passes).
+`MMMAMBA_SSD_BACKWARD=native|bk32|bk128|torch` forces a mode.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import torch
 
 from .checked import cuda_index, passes_check, rel_error
 
+TILES = {"bk32": 32, "bk128": 128}  # the dq/dk/dg tile widths fla #640 found correct on Hopper
 MODE_NOTES = {
     "native": "fla-core's own",
-    "bk128": "fla-core's kernels, dq/dk/dg on 128-wide tiles (fla #640 workaround, checked against torch)",
+    **{m: f"fla-core's kernels, dq/dk/dg on {t}-wide tiles (fla #640 workaround, checked against torch, the faster "
+          "width that passed)" for m, t in TILES.items()},
     "torch": "recomputed with the chunked torch implementation",
 }
-BK128_TOLERANCE = 2e-2  # bf16 gradients vs the fp32 reference; the #640 miscompile gives errors of ~0.5
+TILE_TOLERANCE = 2e-2  # bf16 gradients vs the fp32 reference; the #640 miscompile gives errors of ~0.5
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,14 +60,14 @@ def fla_backward_ok() -> bool:
     return True
 
 
-def _dqkwg_bk128(q, k, v, do, h, dh, g, scale: float, chunk_size: int):
-    """fla's `chunk_bwd_kernel_dqkwg` on 128-wide K and V tiles (masked where K or V < 128)."""
+def _dqkwg_tiles(q, k, v, do, h, dh, g, scale: float, chunk_size: int, bk: int):
+    """fla's `chunk_bwd_kernel_dqkwg` on bk-wide K and V tiles (masked where K or V < bk)."""
     import triton
     from fla.ops.common.chunk_o import chunk_bwd_kernel_dqkwg
 
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
-    BK = BV = 128
+    BK = BV = bk
     NK, NT = triton.cdiv(K, BK), triton.cdiv(T, chunk_size)
     dq, dk = q.new_empty(B, T, HV, K), k.new_empty(B, T, HV, K)
     dg = torch.empty(NK, *g.shape, dtype=torch.float32, device=g.device)
@@ -76,8 +79,8 @@ def _dqkwg_bk128(q, k, v, do, h, dh, g, scale: float, chunk_size: int):
     return dq, dk, dg.sum(0)
 
 
-def _backward_bk128(q, k, v, g, S0, do, dS, chunk_size: int = 64):
-    """fla's simple-GLA backward (fla/ops/simple_gla/chunk.py) with `_dqkwg_bk128` for the dq/dk/dg kernel."""
+def _backward_tiles(q, k, v, g, S0, do, dS, bk: int, chunk_size: int = 64):
+    """fla's simple-GLA backward (fla/ops/simple_gla/chunk.py) with `_dqkwg_tiles` for the dq/dk/dg kernel."""
     from fla.ops.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
     from fla.ops.common.chunk_o import chunk_bwd_dv
     from fla.ops.utils import chunk_local_cumsum
@@ -88,30 +91,31 @@ def _backward_bk128(q, k, v, g, S0, do, dS, chunk_size: int = 64):
                        states_in_fp32=True)
     dh, dS0 = chunk_bwd_dh(q=q, k=k, v=v, do=do, h0=S0, dht=dS, scale=1.0, g=gc, chunk_size=chunk_size,
                            states_in_fp32=True)
-    dq, dk, dg = _dqkwg_bk128(q, k, v, do, h, dh, gc, 1.0, chunk_size)
+    dq, dk, dg = _dqkwg_tiles(q, k, v, do, h, dh, gc, 1.0, chunk_size, bk)
     dv = chunk_bwd_dv(q=q, k=k, do=do, dh=dh, g=gc, scale=1.0, chunk_size=chunk_size)
     dg = chunk_local_cumsum(dg, chunk_size=chunk_size, reverse=True)
     return dq, dk, dv, dg, dS0
 
 
-class SimpleGLABK128(torch.autograd.Function):
-    """(q, k, v, g, S0) -> (o, final state) by fla's forward; backward by `_backward_bk128`."""
+class SimpleGLATiles(torch.autograd.Function):
+    """(q, k, v, g, S0, bk) -> (o, final state) by fla's forward; backward by `_backward_tiles` on bk-wide tiles."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, S0):
+    def forward(ctx, q, k, v, g, S0, bk: int):
         q, k, v, g = (t.contiguous() for t in (q, k, v, g))
         S0 = None if S0 is None else S0.contiguous()
         with torch.no_grad():
             o, S = simple_gla()(q=q, k=k, v=v, g=g, scale=1.0, initial_state=S0, output_final_state=True)
         ctx.save_for_backward(q, k, v, g, S0)
+        ctx.bk = bk
         return o, S
 
     @staticmethod
     def backward(ctx, do, dS):
         q, k, v, g, S0 = ctx.saved_tensors
         with torch.cuda.device(q.device):
-            dq, dk, dv, dg, dS0 = _backward_bk128(q, k, v, g, S0, do.contiguous(), dS.contiguous())
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS0
+            dq, dk, dv, dg, dS0 = _backward_tiles(q, k, v, g, S0, do.contiguous(), dS.contiguous(), ctx.bk)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS0, None
 
 
 def gla_inputs(x, dt, A, B, C):
@@ -129,8 +133,9 @@ def forward_gla(q, k, v, g, S0):
     return simple_gla()(q=q, k=k, v=v, g=g, scale=1.0, initial_state=S0, output_final_state=True)
 
 
-def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[str, float]:
-    """Relative errors of the bk128 gradients (bf16 inputs) against the torch chunked reference in fp32."""
+def tile_errors(K: int, V: int, device, T: int = 200, heads: int = 2, bk: int = 128) -> dict[str, float]:
+    """Relative errors of the gradients with dq/dk/dg on bk-wide tiles (bf16 inputs) against the torch chunked
+    reference in fp32."""
     from .ssd import ssd_chunked
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -148,7 +153,7 @@ def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[s
         return [t.grad for t in leaves if t is not None]
 
     def fast(x, dt, B, C, S0):
-        return SimpleGLABK128.apply(*gla_inputs(x, dt, A, B, C), S0)
+        return SimpleGLATiles.apply(*gla_inputs(x, dt, A, B, C), S0, bk)
 
     def ref(x, dt, B, C, S0):
         return ssd_chunked(x.float(), dt, A, B.float(), C.float(), initial_state=S0)
@@ -160,21 +165,38 @@ def bk128_errors(K: int, V: int, device, T: int = 200, heads: int = 2) -> dict[s
     return errs
 
 
+def tile_ms(K: int, V: int, device, heads: int, bk: int, b: int = 2, T: int = 4096) -> float:
+    """Milliseconds of the whole simple-GLA backward with dq/dk/dg on bk-wide tiles, bf16, (b, T, heads) tokens."""
+    from triton.testing import do_bench
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(b, T, heads, n, device=device, generator=gen).bfloat16() for n in (K, K, V, V))
+    g = -torch.rand(b, T, heads, device=device, generator=gen) * 0.1  # log decays
+    dS = torch.zeros(b, heads, K, V, device=device)
+    with torch.cuda.device(device):
+        return do_bench(lambda: _backward_tiles(q, k, v, g, None, do, dS, bk), warmup=5, rep=25)
+
+
 @functools.cache
-def _bk128_ok(K: int, V: int, device_index: int, heads: int = 2) -> bool:
-    return passes_check("fla 128-tile SSD backward",
-                        lambda: bk128_errors(K, V, torch.device("cuda", device_index), heads=heads),
-                        BK128_TOLERANCE, "the recomputed torch backward")
+def _tile_mode(K: int, V: int, device_index: int, heads: int = 2) -> str:
+    """"bk32" or "bk128" (of the widths whose check passes, the faster at this shape) or "torch"."""
+    dev = torch.device("cuda", device_index)
+    ok = [m for m, t in TILES.items()
+          if passes_check(f"fla {t}-tile SSD backward", lambda t=t: tile_errors(K, V, dev, heads=heads, bk=t),
+                          TILE_TOLERANCE, "another tile width or the recomputed torch backward")]
+    if len(ok) < 2:
+        return ok[0] if ok else "torch"
+    return min(ok, key=lambda m: tile_ms(K, V, dev, heads, TILES[m]))
 
 
 def backward_mode(K: int, V: int, device: torch.device, heads: int = 2) -> str:
-    """"native", "bk128" or "torch" for SSD gradients on this CUDA device (see the module docstring). `heads`: the
-    model's head count, so that the check compiles and autotunes the kernels for the shapes training uses."""
+    """"native", "bk32", "bk128" or "torch" for SSD gradients on this CUDA device (see the module docstring). `heads`:
+    the model's head count, so that the check and the timing use the shapes training uses."""
     forced = os.environ.get("MMMAMBA_SSD_BACKWARD")
     if forced:
-        if forced not in ("native", "bk128", "torch"):
-            raise ValueError(f"MMMAMBA_SSD_BACKWARD={forced!r}: use native, bk128 or torch")
+        if forced not in MODE_NOTES:
+            raise ValueError(f"MMMAMBA_SSD_BACKWARD={forced!r}: use native, bk32, bk128 or torch")
         return forced
     if fla_backward_ok():
         return "native"
-    return "bk128" if _bk128_ok(K, V, cuda_index(device), heads) else "torch"
+    return _tile_mode(K, V, cuda_index(device), heads)
