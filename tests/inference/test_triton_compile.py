@@ -150,6 +150,12 @@ def test_other_kernels_compile(tk):
             k = _compile(gn._bwd_kernel, sig, dict(D=d, BH=bh, BR=16, LOSS=loss, HAS_RW=loss))
             assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d} loss={loss}: spills"
     _compile(tk._silu_mul_kernel, {"gu_ptr": f"*{dt}", "o_ptr": f"*{dt}"}, dict(BLOCK=2048))
+    from mmmamba.ops import swiglu  # the gated MLP's SiLU product (training, frozen teacher streams)
+
+    for xdt in (dt, "fp32"):
+        _compile(swiglu._fwd_kernel, {n: f"*{xdt}" for n in ("g_ptr", "u_ptr", "y_ptr")}, dict(BLOCK=swiglu.BLOCK), 8)
+        _compile(swiglu._bwd_kernel, {n: f"*{xdt}" for n in ("g_ptr", "u_ptr", "dy_ptr", "dg_ptr", "du_ptr")},
+                 dict(BLOCK=swiglu.BLOCK), 8)
     from mmmamba.ops import rope  # fused RoPE (prefill, frozen teacher streams)
 
     for d2, bh in ((32, 16), (64, 16)):
