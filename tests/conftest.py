@@ -146,3 +146,19 @@ def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer):
     model.save_pretrained(out)
     smollm2_tokenizer.save_pretrained(out)
     return out
+
+
+class TorchGLA:
+    """fla's simple GLA (q, k, v, g, S0[, bk]) -> (o, final state) computed sequentially in torch: a CPU stand-in
+    for fla's Functions (which need CUDA) in tests of what feeds them."""
+
+    @staticmethod
+    def apply(q, k, v, g, S0, bk=None):
+        b, t, h, n = q.shape
+        S = q.new_zeros(b, h, n, v.shape[-1], dtype=torch.float32) if S0 is None else S0.float()
+        out = []
+        for i in range(t):
+            S = torch.exp(g[:, i])[..., None, None] * S + k[:, i].float()[..., None] * v[:, i].float()[..., None, :]
+            out.append(torch.einsum("bhn,bhnp->bhp", q[:, i].float(), S))
+        return torch.stack(out, 1).to(v.dtype), S
+

@@ -362,22 +362,25 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     and says which ones train."""
     from conftest import tiny_config
 
-    from mmmamba.ops import conv_silu, gated_norm, ssd_fla
+    from mmmamba.ops import conv_silu, gated_norm, gla_prep, ssd_fla
 
     asked, checked, said = [], [], []
     monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
     monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev, h: asked.append((K, V, dev, h)) or "bk128")
     monkeypatch.setattr(gated_norm, "_fused_ok", lambda d, dtype, index: checked.append((d, dtype, index)) or True)
     monkeypatch.setattr(conv_silu, "_fused_ok", lambda k, dtype, bias, index: checked.append((k, dtype)) or False)
+    monkeypatch.setattr(gla_prep, "fused_ok", lambda d, dtype, index: checked.append(("prep", d)) or True)
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
     runner = StageRunner(r, 1, progress=False, log=said.append)
     student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
     runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16)
     d, h = student.config.head_dim, student.config.num_attention_heads
     k = student.config.mamba_d_conv
-    assert asked == [(d, d, torch.device("cuda", 0), h)] and checked == [(d, torch.bfloat16, 0), (k, torch.bfloat16)]
+    assert asked == [(d, d, torch.device("cuda", 0), h)]
+    assert checked == [(d, torch.bfloat16, 0), (k, torch.bfloat16), ("prep", d)]
     assert "128-wide tiles" in said[0]
     assert "gated RMSNorm: fused Triton kernels" in said[1] and "conv + SiLU: torch ops" in said[1]
+    assert "SSD inputs from the conv output: fused" in said[1]
     assert "teacher stream" not in said[1]
     from mmmamba.ops import add_norm, rope
 
@@ -398,7 +401,7 @@ def test_several_processes_take_the_first_ones_ssd_backward(tmp_path, monkeypatc
     import accelerate.utils
     from conftest import tiny_config
 
-    from mmmamba.ops import conv_silu, gated_norm, ssd_fla
+    from mmmamba.ops import conv_silu, gated_norm, gla_prep, ssd_fla
 
     monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "")  # unset (empty) now, and restored after the test
     monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
@@ -406,6 +409,7 @@ def test_several_processes_take_the_first_ones_ssd_backward(tmp_path, monkeypatc
     monkeypatch.setattr(accelerate.utils, "broadcast_object_list", lambda objs: ["bk32"])  # the first process: 32
     monkeypatch.setattr(gated_norm, "_fused_ok", lambda *a: True)
     monkeypatch.setattr(conv_silu, "_fused_ok", lambda *a: True)
+    monkeypatch.setattr(gla_prep, "fused_ok", lambda *a: True)
     said = []
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
     runner = StageRunner(r, 3, progress=False, log=said.append)

@@ -150,6 +150,14 @@ def test_other_kernels_compile(tk):
             k = _compile(gn._bwd_kernel, sig, dict(D=d, BH=bh, BR=16, LOSS=loss, HAS_RW=loss))
             assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d} loss={loss}: spills"
     _compile(tk._silu_mul_kernel, {"gu_ptr": f"*{dt}", "o_ptr": f"*{dt}"}, dict(BLOCK=2048))
+    from mmmamba.ops import gla_prep  # fla's inputs from the conv output (training)
+
+    for d, h, kv in ((64, 9, 3), (128, 16, 8)):  # SmolLM2 and HoVLE heads
+        sig = {n: f"*{dt}" for n in ("xc_ptr", "q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dxc_ptr")}
+        sig |= {"dt_ptr": "*fp32", "ddt_ptr": "*fp32"}
+        _compile(gla_prep._fwd_kernel, sig, dict(H=h, KV=kv, D=d, BT=gla_prep.BT))
+        k = _compile(gla_prep._bwd_kernel, sig, dict(H=h, KV=kv, D=d, BT=gla_prep.BT))
+        assert _local_bytes(k) in (None, 0), f"SSD input preparation backward d={d}: spills"
     from mmmamba.ops import swiglu  # the gated MLP's SiLU product (training, frozen teacher streams)
 
     for xdt in (dt, "fp32"):

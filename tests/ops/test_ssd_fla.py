@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TorchGLA
 
 from mmmamba.ops import ssd_fla
 
@@ -88,17 +89,6 @@ def test_tile_errors_plumbing_with_a_torch_gla(monkeypatch):
     """tile_errors compares gradients of the simple-GLA view (q=C, k=B, v=dt*x, g=dt*A) with the SSD reference,
     with and without an initial state; here the fla Function is replaced by a sequential torch GLA, so every error
     is at bf16 rounding."""
-
-    class TorchGLA:
-        @staticmethod
-        def apply(q, k, v, g, S0, bk):
-            b, t, h, n = q.shape
-            S = q.new_zeros(b, h, n, v.shape[-1], dtype=torch.float32) if S0 is None else S0.float()
-            out = []
-            for i in range(t):
-                S = torch.exp(g[:, i])[..., None, None] * S + k[:, i].float()[..., None] * v[:, i].float()[..., None, :]
-                out.append(torch.einsum("bhn,bhnp->bhp", q[:, i].float(), S))
-            return torch.stack(out, 1).to(v.dtype), S
 
     monkeypatch.setattr(ssd_fla, "SimpleGLATiles", TorchGLA)
     errs = ssd_fla.tile_errors(8, 8, torch.device("cpu"), T=70, heads=2, bk=32)

@@ -481,12 +481,13 @@ class StageRunner:
 
     def _choose_kernels(self, student, device, dtype: torch.dtype, stream_dtype: torch.dtype | None = None) -> None:
         """On CUDA, pick (and check, once) the mixer's kernels here, before DDP wraps the module, and say which
-        ones train: the SSD backward (`ops.ssd_fla`), the fused gated RMSNorm (`ops.gated_norm`) and conv + SiLU
-        (`ops.conv_silu`); given `stream_dtype` (stages 1-2), also the per-head loss fused into the gated norm and
-        the teacher stream's fused add + RMSNorm (`ops.add_norm`) and RoPE (`ops.rope`)."""
+        ones train: the SSD backward (`ops.ssd_fla`) and its inputs (`ops.gla_prep`), the fused gated RMSNorm
+        (`ops.gated_norm`) and conv + SiLU (`ops.conv_silu`); given `stream_dtype` (stages 1-2), also the per-head
+        loss fused into the gated norm and the teacher stream's fused add + RMSNorm (`ops.add_norm`) and RoPE
+        (`ops.rope`)."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
-        from ..ops import add_norm, conv_silu, gated_norm, rope, ssd_fla
+        from ..ops import add_norm, conv_silu, gated_norm, gla_prep, rope, ssd_fla
         from ..ops.checked import cuda_index
 
         cfg = student.config
@@ -504,6 +505,8 @@ class StageRunner:
         index = cuda_index(device)
         fused = {"gated RMSNorm": gated_norm._fused_ok(cfg.head_dim, dtype, index),
                  "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
+        if ssd_fla.fla_available():
+            fused["SSD inputs from the conv output"] = gla_prep.fused_ok(cfg.head_dim, dtype, index)
         if stream_dtype is not None:
             fused["per-head MSE in the gated RMSNorm"] = gated_norm._fused_mse_ok(cfg.head_dim, dtype, index)
             fused["teacher stream add + RMSNorm"] = add_norm.fused_ok(stream_dtype, index)

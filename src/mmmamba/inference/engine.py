@@ -34,6 +34,7 @@ from ..models.config import ATTENTION
 from ..ops import causal_conv1d, ssd
 from ..ops.add_norm import add_rmsnorm, rmsnorm_ref
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
+from ..ops.gla_prep import split_heads
 from ..ops.rope import apply_rope, apply_rope_ref
 from ..ops.ssd import resolve_backend, ssd_gla
 from .generate import _eos_ids, sample_next
@@ -413,7 +414,7 @@ class Engine:
             xc = F.silu(xc)
             if m is not None:
                 xc = xc * m
-        v, k, q = mix._split(xc, b, l)
+        v, k, q = split_heads(xc, mix.num_heads, mix.num_kv_heads, mix.head_dim)
         y, final = ssd(v, dt, p.neg_A, k, q, initial_state=None if first else ss, backend=mix.ssd_backend,
                        chunk_size=mix.chunk_size)
         del v, k, q, xc

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import causal_conv1d, causal_conv1d_step, ssd, ssd_step
+from ..ops import causal_conv1d, causal_conv1d_step, ssd_step
 from ..ops.conv_silu import conv_silu
+from ..ops.gla_prep import split_heads
+from ..ops.ssd import ssd_packed
 from .norm import GatedRMSNorm
 
 SEED_MODES = ("mimic", "inherit", "scratch")
@@ -89,14 +91,6 @@ class Mamba2Mixer(nn.Module):
         self.reset_ssm_parameters(mimic=mode == "mimic", generator=generator)
 
     # -- forward ------------------------------------------------------------------------------------------
-    def _split(self, xBC, b, l):
-        kvd = self.num_kv_heads * self.head_dim
-        v, k, q = xBC.split([kvd, kvd, self.num_heads * self.head_dim], dim=-1)
-        rep = self.num_heads // self.num_kv_heads
-        v = v.reshape(b, l, self.num_kv_heads, self.head_dim).repeat_interleave(rep, dim=2)
-        k = k.reshape(b, l, self.num_kv_heads, self.head_dim).repeat_interleave(rep, dim=2)
-        return v, k, q.reshape(b, l, self.num_heads, self.head_dim)
-
     def in_proj(self, u):
         """xBC = [v | k | q] (the conv input), g = W_G u, W_gamma u. One matmul over the concatenated weights
         (u read once, no concatenation of activations), or two when only one group trains (stage 1: g and
@@ -132,7 +126,7 @@ class Mamba2Mixer(nn.Module):
             xc = F.silu(xc)[:, None]
             if m is not None:
                 xc = xc * m
-            v, k, q = self._split(xc, b, 1)
+            v, k, q = split_heads(xc, self.num_heads, self.num_kv_heads, self.head_dim)
             y, state.ssm = ssd_step(state.ssm, v[:, 0], dt[:, 0], A, k[:, 0], q[:, 0])
             y = y[:, None]
         else:
@@ -143,9 +137,9 @@ class Mamba2Mixer(nn.Module):
                 xc = F.silu(xc)
             if m is not None:
                 xc = xc * m
-            v, k, q = self._split(xc, b, l)
             init = None if state is None else state.ssm
-            y, final = ssd(v, dt, A, k, q, initial_state=init, backend=self.ssd_backend, chunk_size=self.chunk_size)
+            y, final = ssd_packed(xc, dt, A, self.num_heads, self.num_kv_heads, self.head_dim, initial_state=init,
+                                  backend=self.ssd_backend, chunk_size=self.chunk_size)
             if state is not None:
                 state.conv, state.ssm = conv_state, final.float()
         return y, g.reshape(b, l, self.num_heads, self.head_dim)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import ssd_fla as _fla
+from .gla_prep import gla_prep, split_heads
 from .ssd_fla import fla_available, fla_backward_ok  # noqa: F401  (re-exported)
 
 
@@ -158,3 +159,35 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, backend: str = "auto", chunk
     if backend == "naive":
         return ssd_naive(x, dt, A, B, C, D, initial_state)
     raise ValueError(f"unknown SSD backend {backend!r}; use 'auto', 'fla', 'torch' or 'naive'")
+
+
+def ssd_packed(xc, dt, A, h: int, kv: int, d: int, initial_state=None, backend: str = "auto", chunk_size: int = 64):
+    """The SSD of the mixer's conv output xc (b, l, [x | B | C]) with x, B over kv heads (repeated to the h heads)
+    and C over h heads, head size d. On CUDA with fla and a kernel backward, the inputs go to fla in its own form
+    straight from xc (`ops.gla_prep`: no split, repeat or product tensors of the torch path); otherwise `ssd` on
+    the split. Returns (y (b, l, h, d), final state)."""
+    if resolve_backend(backend, xc) == "fla":
+        out = _ssd_packed_fla(xc, dt, A, h, kv, d, initial_state)
+        if out is not None:
+            return out
+    x, B, C = split_heads(xc, h, kv, d)
+    return ssd(x, dt, A, B, C, initial_state=initial_state, backend=backend, chunk_size=chunk_size)
+
+
+@torch.compiler.disable  # fla's kernels and ours stay outside compiled graphs
+def _ssd_packed_fla(xc, dt, A, h, kv, d, initial_state):
+    """fla's simple GLA on `gla_prep`'s inputs, with the backward of `ssd_fla.backward_mode`; None for its "torch"
+    mode (the torch backward recomputes from the split inputs)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xc, dt, A, initial_state))
+    mode = _fla.backward_mode(d, d, xc.device, h) if needs_grad else "native"
+    if mode == "torch":
+        return None
+    q, k, v = gla_prep(xc, dt, h, kv, d)
+    g = dt.float() * A.float()
+    S0 = None if initial_state is None else initial_state.float()
+    if mode in _fla.TILES:
+        y, S = _fla.SimpleGLATiles.apply(q, k, v, g, S0, _fla.TILES[mode])
+    else:
+        y, S = _fla.forward_gla(q, k, v, g, S0)
+    return y.to(xc.dtype), S
