@@ -23,7 +23,7 @@ if [ -n "$BASE" ]; then
     --json "$OUT/tp-base.json" 2>&1 | grep -v Warning | tee "$OUT/tp-base.log")
 fi
 python3 -m pytest -q -rA tests/ops/test_gated_norm.py tests/ops/test_add_norm.py tests/ops/test_swiglu.py \
-  tests/distill/test_graphs.py \
+  tests/ops/test_gla_prep.py tests/distill/test_graphs.py \
   2>&1 | tail -30 > "$OUT/tests.log"
 python3 scripts/gpu/check_ssd.py --lengths 4096 --shapes 9x64 --modes bk32,bk128,torch 2>&1 | tail -12 \
   > "$OUT/ssd.log"
