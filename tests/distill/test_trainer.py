@@ -362,7 +362,7 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     and says which ones train."""
     from conftest import tiny_config
 
-    from mmmamba.ops import conv_silu, gated_norm, gla_prep, ssd_fla
+    from mmmamba.ops import add_norm, conv_silu, gated_norm, gla_prep, rope, ssd_fla, swiglu
 
     asked, checked, said = [], [], []
     monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
@@ -370,6 +370,8 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(gated_norm, "_fused_ok", lambda d, dtype, index: checked.append((d, dtype, index)) or True)
     monkeypatch.setattr(conv_silu, "_fused_ok", lambda k, dtype, bias, index: checked.append((k, dtype)) or False)
     monkeypatch.setattr(gla_prep, "fused_ok", lambda d, dtype, index: checked.append(("prep", d)) or True)
+    monkeypatch.setattr(swiglu, "fused_ok", lambda dtype, index: checked.append(("silu", dtype)) or True)
+    monkeypatch.setattr(add_norm, "rmsnorm_ok", lambda dtype, index: checked.append(("norm", dtype)) or True)
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
     runner = StageRunner(r, 1, progress=False, log=said.append)
     student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
@@ -377,20 +379,21 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
     d, h = student.config.head_dim, student.config.num_attention_heads
     k = student.config.mamba_d_conv
     assert asked == [(d, d, torch.device("cuda", 0), h)]
-    assert checked == [(d, torch.bfloat16, 0), (k, torch.bfloat16), ("prep", d)]
+    # stage 3: the student's norms in its parameters' dtype (fp32), its MLPs under autocast (bf16)
+    assert checked == [(d, torch.bfloat16, 0), (k, torch.bfloat16), ("prep", d), ("norm", torch.float32),
+                       ("silu", torch.bfloat16)]
     assert "128-wide tiles" in said[0]
     assert "gated RMSNorm: fused Triton kernels" in said[1] and "conv + SiLU: torch ops" in said[1]
-    assert "SSD inputs from the conv output: fused" in said[1]
+    assert "SSD inputs from the conv output: fused" in said[1] and "RMSNorm: fused" in said[1]
     assert "teacher stream" not in said[1]
-    from mmmamba.ops import add_norm, rope
 
     monkeypatch.setattr(add_norm, "fused_ok", lambda dtype, index: checked.append(("stream", dtype)) or True)
     monkeypatch.setattr(rope, "fused_ok", lambda dtype, index: checked.append(("rope", dtype)) or True)
     monkeypatch.setattr(gated_norm, "_fused_mse_ok", lambda d, dtype, index: checked.append(("mse", d)) or True)
     runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16, torch.bfloat16)  # stages 1-2
-    assert checked[-3:] == [("mse", d), ("stream", torch.bfloat16), ("rope", torch.bfloat16)]
+    assert checked[-4:] == [("mse", d), ("stream", torch.bfloat16), ("rope", torch.bfloat16), ("silu", torch.bfloat16)]
     assert "teacher stream add + RMSNorm: fused" in said[-1] and "teacher RoPE: fused" in said[-1]
-    assert "per-head MSE in the gated RMSNorm: fused" in said[-1]
+    assert "per-head MSE in the gated RMSNorm: fused" in said[-1] and "teacher MLP SiLU product: fused" in said[-1]
     runner._choose_kernels(student, torch.device("cpu"), torch.float32)  # nothing to choose on the CPU
     assert len(asked) == 2 and len(said) == 4
 
@@ -401,7 +404,7 @@ def test_several_processes_take_the_first_ones_ssd_backward(tmp_path, monkeypatc
     import accelerate.utils
     from conftest import tiny_config
 
-    from mmmamba.ops import conv_silu, gated_norm, gla_prep, ssd_fla
+    from mmmamba.ops import add_norm, conv_silu, gated_norm, gla_prep, ssd_fla, swiglu
 
     monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "")  # unset (empty) now, and restored after the test
     monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
@@ -410,6 +413,8 @@ def test_several_processes_take_the_first_ones_ssd_backward(tmp_path, monkeypatc
     monkeypatch.setattr(gated_norm, "_fused_ok", lambda *a: True)
     monkeypatch.setattr(conv_silu, "_fused_ok", lambda *a: True)
     monkeypatch.setattr(gla_prep, "fused_ok", lambda *a: True)
+    monkeypatch.setattr(swiglu, "fused_ok", lambda *a: True)
+    monkeypatch.setattr(add_norm, "rmsnorm_ok", lambda *a: True)
     said = []
     r = parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o")})
     runner = StageRunner(r, 3, progress=False, log=said.append)

@@ -483,11 +483,12 @@ class StageRunner:
         """On CUDA, pick (and check, once) the mixer's kernels here, before DDP wraps the module, and say which
         ones train: the SSD backward (`ops.ssd_fla`) and its inputs (`ops.gla_prep`), the fused gated RMSNorm
         (`ops.gated_norm`) and conv + SiLU (`ops.conv_silu`); given `stream_dtype` (stages 1-2), also the per-head
-        loss fused into the gated norm and the teacher stream's fused add + RMSNorm (`ops.add_norm`) and RoPE
-        (`ops.rope`)."""
+        loss fused into the gated norm and the teacher stream's fused add + RMSNorm (`ops.add_norm`), RoPE
+        (`ops.rope`) and SiLU product (`ops.swiglu`); without (stage 3), the RMSNorm and SiLU product the student
+        trains through."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
-        from ..ops import add_norm, conv_silu, gated_norm, gla_prep, rope, ssd_fla
+        from ..ops import add_norm, conv_silu, gated_norm, gla_prep, rope, ssd_fla, swiglu
         from ..ops.checked import cuda_index
 
         cfg = student.config
@@ -511,6 +512,10 @@ class StageRunner:
             fused["per-head MSE in the gated RMSNorm"] = gated_norm._fused_mse_ok(cfg.head_dim, dtype, index)
             fused["teacher stream add + RMSNorm"] = add_norm.fused_ok(stream_dtype, index)
             fused["teacher RoPE"] = rope.fused_ok(stream_dtype, index)
+            fused["teacher MLP SiLU product"] = swiglu.fused_ok(stream_dtype, index)
+        else:  # stage 3: the whole student trains through its norms (in its parameters' dtype) and MLPs
+            fused["RMSNorm"] = add_norm.rmsnorm_ok(next(student.parameters()).dtype, index)
+            fused["MLP SiLU product"] = swiglu.fused_ok(dtype, index)
         self.log("; ".join(f"{name}: " + ("fused Triton kernels (checked against torch)" if ok else "torch ops")
                            for name, ok in fused.items()))
 
