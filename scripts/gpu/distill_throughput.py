@@ -153,7 +153,7 @@ def attribute_step(fn, n_top: int) -> list[dict]:
         if ev.device_type != torch.autograd.DeviceType.CUDA or ev.device_time_total <= 0:
             continue
         parent = cpu.get(ev.linked_correlation_id)
-        if parent is not None and parent.name.startswith(("cuda", "cu")):  # a runtime call: its op launched it
+        if parent is not None and parent.name.startswith("cu"):  # a runtime call (cudaLaunch..., cuLaunch...)
             parent = parent.cpu_parent
         key = ((parent.name, _origin(parent)) if parent is not None
                else ("kernel " + ev.name[:60], "(no aten op: a Triton launch)"))

@@ -492,7 +492,8 @@ class StageRunner:
         from ..ops.checked import cuda_index
 
         cfg = student.config
-        if ssd_fla.fla_available():
+        fla = ssd_fla.fla_available()
+        if fla:
             mode = ssd_fla.backward_mode(cfg.head_dim, cfg.head_dim, device, cfg.num_attention_heads)
             if self.acc is not None and self.acc.num_processes > 1:  # timed per process: all take the first's
                 from accelerate.utils import broadcast_object_list
@@ -506,7 +507,7 @@ class StageRunner:
         index = cuda_index(device)
         fused = {"gated RMSNorm": gated_norm._fused_ok(cfg.head_dim, dtype, index),
                  "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
-        if ssd_fla.fla_available():
+        if fla:
             fused["SSD inputs from the conv output"] = gla_prep.fused_ok(cfg.head_dim, dtype, index)
         if stream_dtype is not None:
             fused["per-head MSE in the gated RMSNorm"] = gated_norm._fused_mse_ok(cfg.head_dim, dtype, index)

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .checked import cuda_index, passes_check, rel_error
+from .checked import cuda_index, passes_check, rel_error, with_long_rows
 
 try:
     import triton
@@ -169,9 +169,8 @@ def rmsnorm_ok(dtype: torch.dtype, device_index: int) -> bool:
     """Whether `rmsnorm` may use the kernels on this CUDA device in `dtype` (both checked once)."""
     dev = torch.device("cuda", device_index)
 
-    def errors():  # one row per backward program, and 16 (what long inputs get)
-        short, long = rmsnorm_errors(dtype, dev), rmsnorm_errors(dtype, dev, rows=MULTI_ROW_MIN + 37)
-        return {**short, **{f"{k}|16 rows": v for k, v in long.items()}}
+    def errors():
+        return with_long_rows(rmsnorm_errors(dtype, dev), rmsnorm_errors(dtype, dev, rows=MULTI_ROW_MIN + 37))
 
     return fused_ok(dtype, device_index) and passes_check("fused RMSNorm backward", errors, CHECK_TOLERANCE,
                                                           "torch ops")

@@ -18,6 +18,11 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def with_long_rows(short: dict[str, float], long: dict[str, float]) -> dict[str, float]:
+    """The errors of a check at few rows and at many (where backward programs take 16 rows each), as one dict."""
+    return {**short, **{f"{k}|16 rows": v for k, v in long.items()}}
+
+
 def passes_check(what: str, errors: Callable[[], dict[str, float]], tolerance: float, fallback: str) -> bool:
     """Run `errors()` (relative errors of the fast path against its reference) in full precision with autograd on,
     whatever context the first training step runs in. True when every error is within `tolerance`; otherwise (or

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .checked import cuda_index, passes_check, rel_error
+from .checked import cuda_index, passes_check, rel_error, with_long_rows
 from .mse import masked_mse
 
 try:
@@ -309,10 +309,9 @@ def fused_mse_errors(head_dim: int, dtype: torch.dtype, device, heads: int = 3, 
 def _fused_mse_ok(head_dim: int, dtype: torch.dtype, device_index: int) -> bool:
     dev = torch.device("cuda", device_index)
 
-    def errors():  # one row per backward program, and 16 (what long inputs get)
-        short = fused_mse_errors(head_dim, dtype, dev)
-        long = fused_mse_errors(head_dim, dtype, dev, l=MULTI_ROW_MIN // 2 + 19)
-        return {**short, **{f"{k}|16 rows": v for k, v in long.items()}}
+    def errors():
+        return with_long_rows(fused_mse_errors(head_dim, dtype, dev),
+                              fused_mse_errors(head_dim, dtype, dev, l=MULTI_ROW_MIN // 2 + 19))
 
     return triton is not None and passes_check("fused gated RMSNorm + MSE", errors, CHECK_TOLERANCE,
                                                "the gated RMSNorm, then the torch MSE")

@@ -121,17 +121,18 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     """fla-core `chunk_simple_gla` with q=C, k=B, v=dt*x, g=dt*A, scale=1 (CUDA only); the backward per
     `ssd_fla.backward_mode`."""
     S0 = None if initial_state is None else initial_state.float()
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, dt, A, B, C, initial_state)
-    )
-    mode = _fla.backward_mode(B.shape[-1], x.shape[-1], x.device, x.shape[2]) if needs_grad else "native"
+    mode = _fla_mode((x, dt, A, B, C, initial_state), B.shape[-1], x.shape[-1], x.device, x.shape[2])
     if mode == "torch":
         y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, S0)
-    elif mode in _fla.TILES:
-        y, S = _fla.SimpleGLATiles.apply(*_fla.gla_inputs(x, dt, A, B, C), S0, _fla.TILES[mode])
     else:
-        y, S = _fla.forward(x, dt, A, B, C, S0)
+        y, S = _fla.run_gla(*_fla.gla_inputs(x, dt, A, B, C), S0, mode)
     return _finish(y, x, D).to(x.dtype), S
+
+
+def _fla_mode(inputs, K: int, V: int, device, heads: int) -> str:
+    """`ssd_fla.backward_mode` where any input needs a gradient, else "native" (fla's forward alone)."""
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _fla.backward_mode(K, V, device, heads) if needs_grad else "native"
 
 
 def ssd_gla(q, k, v, g, initial_state=None):
@@ -178,16 +179,9 @@ def ssd_packed(xc, dt, A, h: int, kv: int, d: int, initial_state=None, backend: 
 def _ssd_packed_fla(xc, dt, A, h, kv, d, initial_state):
     """fla's simple GLA on `gla_prep`'s inputs, with the backward of `ssd_fla.backward_mode`; None for its "torch"
     mode (the torch backward recomputes from the split inputs)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (xc, dt, A, initial_state))
-    mode = _fla.backward_mode(d, d, xc.device, h) if needs_grad else "native"
+    mode = _fla_mode((xc, dt, A, initial_state), d, d, xc.device, h)
     if mode == "torch":
         return None
-    q, k, v = gla_prep(xc, dt, h, kv, d)
-    g = dt.float() * A.float()
     S0 = None if initial_state is None else initial_state.float()
-    if mode in _fla.TILES:
-        y, S = _fla.SimpleGLATiles.apply(q, k, v, g, S0, _fla.TILES[mode])
-    else:
-        y, S = _fla.forward_gla(q, k, v, g, S0)
+    y, S = _fla.run_gla(*gla_prep(xc, dt, h, kv, d), dt.float() * A.float(), S0, mode)
     return y.to(xc.dtype), S

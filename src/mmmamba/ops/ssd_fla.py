@@ -118,9 +118,14 @@ class SimpleGLATiles(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS0, None
 
 
+def dt_x(x, dt):
+    """v = dt * x (x (b, l, h, p), dt (b, l, h)), dt rounded to x's dtype first, the product in x's dtype."""
+    return (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
+
+
 def gla_inputs(x, dt, A, B, C):
     """The simple-GLA view of the SSD: q = C, k = B, v = dt * x, g = dt * A (fp32)."""
-    return C.to(x.dtype), B.to(x.dtype), (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype), dt.float() * A.float()
+    return C.to(x.dtype), B.to(x.dtype), dt_x(x, dt), dt.float() * A.float()
 
 
 def forward(x, dt, A, B, C, S0):
@@ -131,6 +136,14 @@ def forward(x, dt, A, B, C, S0):
 def forward_gla(q, k, v, g, S0):
     """fla's simple GLA with scale 1 on inputs in its own form: (o, final state)."""
     return simple_gla()(q=q, k=k, v=v, g=g, scale=1.0, initial_state=S0, output_final_state=True)
+
+
+def run_gla(q, k, v, g, S0, mode: str):
+    """fla's simple GLA on inputs in its own form, with the backward of `mode`: "native" (fla's autograd) or a tile
+    width of `TILES`."""
+    if mode in TILES:
+        return SimpleGLATiles.apply(q, k, v, g, S0, TILES[mode])
+    return forward_gla(q, k, v, g, S0)
 
 
 def tile_errors(K: int, V: int, device, T: int = 200, heads: int = 2, bk: int = 128) -> dict[str, float]:
