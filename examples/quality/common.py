@@ -97,8 +97,9 @@ def stage_summary(out_dir: Path, stage: int) -> dict:
 
 def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str = "mimic", data=None,
             data_cfg: dict | None = None, seed: int = 0, cuda_graph: bool = False, run_stages=(1, 2, 3),
-            log=print) -> dict:
-    """Seed from `teacher` and run `run_stages` of the three-stage recipe with the framework's trainer.
+            student: str | None = None, log=print) -> dict:
+    """Seed from `teacher` (or start from the seeded `student` folder) and run `run_stages` of the three-stage
+    recipe with the framework's trainer.
 
     `stages`: {k: {steps, batch_size, micro_batch_size, lr, seq_len?, loss?}}; returns per-stage wall time, steps,
     tokens and losses, and the folder of the last stage."""
@@ -107,6 +108,7 @@ def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str =
 
     common = dict(log_every=5, save_every=10**9, keep_checkpoints=0, warmup=0.1, decay=0.1, cuda_graph=cuda_graph)
     raw = {"name": out_dir.name, "teacher": teacher, "output_dir": str(out_dir), "seed": seed, "init": init,
+           "student": student,
            "placement": placement, "data": data_cfg or {}, "precision": "auto", "defaults": common,
            "stages": {k: v for k, v in stages.items()}}
     recipe = parse_recipe(raw, source="examples/quality")

@@ -182,6 +182,26 @@ def stage_settings(args) -> dict:
     }
 
 
+def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
+    """An all-Mamba-2 student seeded with mimic init, its gates calibrated (`distill.gate_calibration`) on the first
+    4 x 1024 tokens of the training mix, saved where the recipe's `student:` points (stage 3 places attention)."""
+    from transformers import AutoTokenizer
+
+    from mmmamba.distill.gate_calibration import calibrate_gates, capture_attention
+    from mmmamba.io import save_model
+    from mmmamba.seed import seed_student
+    from mmmamba.teachers.hf import load_teacher, resolve_teacher
+
+    path = resolve_teacher(args.teacher)
+    teacher = load_teacher(path).to(device).eval()
+    ids = torch.from_numpy(mix[:4 * 1024].astype(np.int64)).view(4, 1024)
+    student = seed_student(teacher, None, mode="mimic", seed=args.seed).eval()
+    calibrate_gates(student, capture_attention(teacher, [ids[i:i + 1] for i in range(4)]))
+    out = work / f"{args.name}-seed"
+    save_model(student.cpu(), out, AutoTokenizer.from_pretrained(path))
+    return str(out)
+
+
 def cmd_student(args) -> int:
     from mmmamba.io import load_model
 
@@ -190,8 +210,10 @@ def cmd_student(args) -> int:
     work = Path(args.work)
     mix, mix_counts = training_mix(work)
     placement = None if args.placement in ("none", "linear") else args.placement
-    run = distill(args.teacher, work / args.name, placement, stage_settings(args), init=args.init,
-                  data=packed_data(mix, args.seq_len), cuda_graph=device == "cuda")
+    seeded = calibrated_seed(args, work, mix, device) if args.init == "calibrated" else None
+    run = distill(args.teacher, work / args.name, placement, stage_settings(args),
+                  init="mimic" if seeded else args.init, data=packed_data(mix, args.seq_len),
+                  cuda_graph=device == "cuda", student=seeded)
     teacher, tok, path = load_teacher_model(args.teacher, device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     student = load_model(run["folder"]).to(device, dtype).eval()
@@ -214,6 +236,25 @@ def cmd_student(args) -> int:
     return 0
 
 
+def cmd_warmup(args) -> int:
+    """Both students' three stages for a few steps at the study's shapes on random tokens (any teacher with the
+    right dims, e.g. random weights): Triton's autotuning and fla's kernel checks happen here, not in the timed
+    runs; the per-stage times after the first steps give the machine's throughput."""
+    rng = np.random.default_rng(args.seed)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(args.teacher).vocab_size
+    tokens = rng.integers(0, vocab, size=args.batch * args.seq_len * 8, dtype=np.int64).astype(np.uint16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = {"phase": "warmup", "env": environment(), "command": args.command_line, "runs": {}}
+    for name, placement in (("hybrid", "every:4"), ("linear", None)):
+        run = distill(args.teacher, Path(args.work) / f"warmup_{name}", placement, stage_settings(args),
+                      data=packed_data(tokens, args.seq_len), cuda_graph=device == "cuda")
+        result["runs"][name] = run
+        write_json(Path(args.out), result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="smollm2")
@@ -232,13 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("student")
     t.add_argument("--name", required=True)
     t.add_argument("--placement", default="every:4", help="every:K, a list, or none (mmMamba-linear)")
-    t.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch"])
-    t.add_argument("--steps", default="200,200,120", help="optimizer steps of stages 1,2,3")
-    t.add_argument("--batch", type=int, default=32, help="sequences per optimizer step")
-    t.add_argument("--micro-batch", type=int, default=16, help="stages 1-2; stage 3 uses half")
-    t.add_argument("--seq-len", type=int, default=2048)
-    t.add_argument("--lr3", type=float, default=2e-4, help="stage-3 learning rate (short run: above the paper's)")
+    t.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch", "calibrated"],
+                   help="calibrated: mimic + the calibrated output gate (distill.gate_calibration)")
     t.set_defaults(func=cmd_student)
+    w = sub.add_parser("warmup")
+    w.set_defaults(func=cmd_warmup)
+    for q in (t, w):
+        q.add_argument("--steps", default="150,150,100", help="optimizer steps of stages 1,2,3")
+        q.add_argument("--batch", type=int, default=32, help="sequences per optimizer step")
+        q.add_argument("--micro-batch", type=int, default=16, help="stages 1-2; stage 3 uses half")
+        q.add_argument("--seq-len", type=int, default=2048)
+        q.add_argument("--lr3", type=float, default=2e-4, help="stage-3 learning rate (short run: above the paper's)")
     return p
 
 

