@@ -110,6 +110,95 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _load_for_eval(spec, device: str, dtype: str):
+    from .teachers.hf import load_teacher, resolve_teacher
+
+    path = resolve_teacher(spec)
+    model = load_teacher(path, dtype=_dtype(dtype)).to(device).eval()
+    return model, path
+
+
+def cmd_eval(args) -> int:
+    from .eval import evaluate, markdown_table
+
+    model, path = _load_for_eval(args.model, args.device, args.dtype)
+    tok = _load_tokenizer(path)
+    if tok is None:
+        raise SystemExit(f"{args.model} has no tokenizer files; save one beside the weights")
+    result = evaluate(model, tok, args.bench, limit=args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, mode=args.mode, max_tiles=args.max_tiles,
+                      out_dir=args.out, progress=not args.no_progress, chat=args.chat, engine=args.engine)
+    c = result["config"]
+    print(markdown_table(result), end="")
+    print(f"\n{result['n']} items in {c['seconds']:.1f} s ({c['items_per_s']:.2f} items/s, {c['mode']}, "
+          f"batch {c['batch_size']}, {c['device']} {c['dtype']})" + (f"; results in {args.out}" if args.out else ""))
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .eval import read_text_tokens, text_metrics
+
+    model, path = _load_for_eval(args.model, args.device, args.dtype)
+    tok = _load_tokenizer(path)
+    if tok is None:
+        raise SystemExit(f"{args.model} has no tokenizer files; save one beside the weights")
+    ids = read_text_tokens(args.file, tok, add_bos=args.add_bos, limit_tokens=args.limit_tokens)
+    teacher = _load_for_eval(args.teacher, args.device, args.dtype)[0] if args.teacher else None
+    r = text_metrics(model, ids, window=args.window, stride=args.stride, teacher=teacher,
+                     batch_size=args.batch_size, progress=not args.no_progress)
+    rows = [("perplexity", f"{r['perplexity']:.3f}"), ("tokens scored", r["tokens"]),
+            ("method", f"{r['method']} (window {r['window']}, stride {r['stride']})")]
+    if teacher is not None:
+        rows += [("teacher perplexity", f"{r['teacher_perplexity']:.3f}"),
+                 ("top-1 agreement with teacher", f"{100 * r['top1_agreement']:.2f} %"),
+                 ("KL(teacher || model), nats/token", f"{r['kl_to_teacher']:.4f}")]
+    print(f"| {args.model} on {args.file} | |\n|---|---|")
+    print("\n".join(f"| {k} | {v} |" for k, v in rows))
+    if args.out:
+        from .io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+def _add_eval_parsers(sub) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    e = sub.add_parser("eval", help="score a model on a benchmark (VLMEvalKit TSV, JSONL or a built-in set)")
+    e.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
+    e.add_argument("--bench", required=True,
+                   help="easy-vqa | fashion-mnist | fashion-mnist-open | a VLMEvalKit .tsv | a .jsonl")
+    e.add_argument("--limit", type=int, help="first N items only")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--mode", default="generate", choices=["generate", "loglik"],
+                   help="greedy answers + answer extraction, or the best-scoring option (log-likelihood)")
+    e.add_argument("--max-new-tokens", type=int, help="default: 32 (16 for yes / no)")
+    e.add_argument("--max-tiles", type=int, help="image tiles (default: the model's vision_config, else 6)")
+    e.add_argument("--out", help="folder for results.json, results.md and predictions.jsonl")
+    e.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap the prompt in the tokenizer's chat template (default on)")
+    e.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast inference engine for generation; default: on for CUDA")
+    e.add_argument("--device", default=device)
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("ppl", help="perplexity of a text file (sliding window, or recurrent for pure Mamba-2)")
+    q.add_argument("file", help="UTF-8 text file")
+    q.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
+    q.add_argument("--teacher", help="also report top-1 agreement and KL(teacher || model) against this model")
+    q.add_argument("--window", type=int, default=2048, help="tokens per forward")
+    q.add_argument("--stride", type=int, help="new tokens scored per window after the first (default window/2)")
+    q.add_argument("--limit-tokens", type=int, help="first N tokens of the file only")
+    q.add_argument("--add-bos", action="store_true", help="put the tokenizer's BOS before the text")
+    q.add_argument("--batch-size", type=int, default=8, help="windows per forward (sliding window)")
+    q.add_argument("--out", help="also write the metrics as JSON to this file")
+    q.add_argument("--device", default=device)
+    q.add_argument("--dtype", default="float32")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_ppl)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmmamba", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -160,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
                    help="fast engine (static cache, fused kernels, CUDA graph); default: on for CUDA")
     g.set_defaults(func=cmd_generate)
+
+    _add_eval_parsers(sub)
 
     from .bench.run import add_arguments as add_bench_arguments
 

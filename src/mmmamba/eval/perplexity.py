@@ -43,13 +43,16 @@ def perplexity(model, batches: Iterable[dict], max_batches: int | None = None) -
 
 @torch.no_grad()
 def kl_to_teacher(student, teacher, batches: Iterable[dict], max_batches: int | None = None) -> float:
-    """Mean per-token KL(teacher || student) over real (non-padding) positions."""
+    """Mean per-token KL(teacher || student) over real (non-padding) positions; image batches (pixel_values) go
+    through both models' vision fronts."""
     total, count = 0.0, 0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
+        px = batch.get("pixel_values")
         kw = dict(input_ids=batch["input_ids"].to(student.device),
-                  attention_mask=batch["attention_mask"].to(student.device) if "attention_mask" in batch else None)
+                  attention_mask=batch["attention_mask"].to(student.device) if "attention_mask" in batch else None,
+                  pixel_values=px.to(student.device, student.dtype) if px is not None else None)
         hs = student.model(**kw).last_hidden_state
         ht = teacher.model(**kw).last_hidden_state
         mask = kw["attention_mask"]
