@@ -42,11 +42,13 @@ def environment() -> dict:
            "python": platform.python_version(), "device": "cpu"}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        env["commit"] = None
+    env["commit"] = os.environ.get("STUDY_COMMIT")  # the GPU machine gets the tree without .git
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                           check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            env["commit"] = None
     import transformers
 
     env["transformers"] = transformers.__version__
@@ -92,7 +94,7 @@ def stage_summary(out_dir: Path, stage: int) -> dict:
     if not rows:
         return {}
     return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "logged": len(rows),
-            "curve": [[r.get("step"), r["loss"]] for r in rows]}
+            "tokens_per_s": rows[-1].get("tokens_per_s"), "curve": [[r.get("step"), r["loss"]] for r in rows]}
 
 
 def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str = "mimic", data=None,

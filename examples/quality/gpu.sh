@@ -40,7 +40,8 @@ case "$STEP" in
     python3 -c "import torch, triton, transformers, fla; print(torch.__version__, triton.__version__, transformers.__version__, fla.__version__)"
     python3 scripts/gpu/make_random_teacher.py .carry/smolcfg /tmp/random_smollm2
     python3 examples/quality/text_study.py --teacher /tmp/random_smollm2 --out "$OUT/warmup.json" warmup \
-      ${WARMUP_ARGS:-} 2>&1 | tee "$OUT/warmup.log"
+      ${WARMUP_ARGS:---steps 15,15,10} 2>&1 | tee "$OUT/warmup.log"
+    cp "$OUT/warmup.json" "$KEEP/"
     ;;
   text)  # teacher samples, then the hybrid and the linear student (each JSON written as soon as it exists)
     mkdir -p "$STUDY_DATA" && cp -r .carry/study/text "$STUDY_DATA/"
@@ -50,7 +51,7 @@ case "$STEP" in
     for name in ${STUDENTS:-hybrid linear}; do
       p=every:4; [ "$name" = linear ] && p=none
       python3 examples/quality/text_study.py --out "$OUT/text_$name.json" student --name $name --placement $p \
-        ${STUDENT_ARGS:-} 2>&1 | tee "$OUT/text_$name.log"
+        ${STUDENT_ARGS:---budget-from $KEEP/warmup.json} 2>&1 | tee "$OUT/text_$name.log"
     done
     ;;
   vlm)  # the VLM teacher (built on SmolLM2, fine-tuned), then its hybrid and linear students
@@ -58,7 +59,7 @@ case "$STEP" in
     mkdir -p "$STUDY_DATA/vlm" && cp -r .carry/study/vlm/* "$STUDY_DATA/vlm/"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whlvlm/*.whl
     python3 examples/quality/vlm_study.py --out "$OUT/vlm_teacher.json" --no-progress ${VLM_ARGS:-} teacher \
-      ${TEACHER_ARGS:-} 2>&1 | tee "$OUT/vlm_teacher.log"
+      ${TEACHER_ARGS:---time-budget 150} 2>&1 | tee "$OUT/vlm_teacher.log"
     for name in ${STUDENTS:-hybrid linear}; do
       p=every:4; [ "$name" = linear ] && p=none
       python3 examples/quality/vlm_study.py --out "$OUT/vlm_$name.json" --no-progress ${VLM_ARGS:-} student \

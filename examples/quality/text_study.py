@@ -171,7 +171,21 @@ def training_mix(work: Path) -> tuple[np.ndarray, dict]:
     return np.concatenate(list(parts.values())), {k: int(v.size) for k, v in parts.items()}
 
 
+def budget_steps(warmup_json: str, seconds: str, tokens_per_step: int) -> str:
+    """Steps per stage that fit `seconds` ("s1,s2,s3") at the slower student's steady-state throughput measured by
+    the warm-up on this machine (the last logged tokens/s of each stage), the same for both students."""
+    runs = json.loads(Path(warmup_json).read_text())["runs"]
+    steps = []
+    for k, sec in zip(("1", "2", "3"), (float(x) for x in seconds.split(","))):
+        tps = min(r["stages"][k]["tokens_per_s"] for r in runs.values())
+        steps.append(str(max(10, int(sec * tps / tokens_per_step) // 10 * 10)))
+    return ",".join(steps)
+
+
 def stage_settings(args) -> dict:
+    if getattr(args, "budget_from", None) and Path(args.budget_from).exists():
+        args.steps = budget_steps(args.budget_from, args.stage_seconds, args.batch * args.seq_len)
+        print(f"steps per stage from the warm-up's throughput ({args.budget_from}): {args.steps}", flush=True)
     s1, s2, s3 = (int(x) for x in args.steps.split(","))
     mb, mb3 = args.micro_batch, max(1, args.micro_batch // 2)
     return {
@@ -188,6 +202,7 @@ def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
     from transformers import AutoTokenizer
 
     from mmmamba.distill.gate_calibration import calibrate_gates, capture_attention
+    from mmmamba.distill.manifest import make_manifest, teacher_identity
     from mmmamba.io import save_model
     from mmmamba.seed import seed_student
     from mmmamba.teachers.hf import load_teacher, resolve_teacher
@@ -196,9 +211,13 @@ def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
     teacher = load_teacher(path).to(device).eval()
     ids = torch.from_numpy(mix[:4 * 1024].astype(np.int64)).view(4, 1024)
     student = seed_student(teacher, None, mode="mimic", seed=args.seed).eval()
-    calibrate_gates(student, capture_attention(teacher, [ids[i:i + 1] for i in range(4)]))
+    layers = calibrate_gates(student, capture_attention(teacher, [ids[i:i + 1] for i in range(4)]))
     out = work / f"{args.name}-seed"
-    save_model(student.cpu(), out, AutoTokenizer.from_pretrained(path))
+    man = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
+                        init="mimic+calibrated-gate", seed=args.seed, calibrated_layers=layers,
+                        calibration_tokens=int(ids.numel()))
+    save_model(student.cpu(), out, AutoTokenizer.from_pretrained(path),
+               {"mmmamba_manifest.json": json.dumps(man, indent=2) + "\n"})
     return str(out)
 
 
@@ -219,7 +238,8 @@ def cmd_student(args) -> int:
     student = load_model(run["folder"]).to(device, dtype).eval()
     seen = sum(s["tokens"] for s in run["stages"].values())
     result = {
-        "phase": "student", "name": args.name, "teacher": path, "env": environment(), "command": args.command_line,
+        "phase": "student", "name": args.name, "init": args.init, "teacher": path, "env": environment(),
+        "command": args.command_line,
         "placement": placement, "attention_layers": student.config.attention_layers,
         "mamba_layers": len(student.config.mamba_layers), "training_mix_tokens": mix_counts,
         "tokens_seen": seen,
@@ -250,6 +270,8 @@ def cmd_warmup(args) -> int:
     for name, placement in (("hybrid", "every:4"), ("linear", None)):
         run = distill(args.teacher, Path(args.work) / f"warmup_{name}", placement, stage_settings(args),
                       data=packed_data(tokens, args.seq_len), cuda_graph=device == "cuda")
+        for s in run["stages"].values():
+            s.pop("curve", None)
         result["runs"][name] = run
         write_json(Path(args.out), result)
     return 0
@@ -275,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--placement", default="every:4", help="every:K, a list, or none (mmMamba-linear)")
     t.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch", "calibrated"],
                    help="calibrated: mimic + the calibrated output gate (distill.gate_calibration)")
+    t.add_argument("--budget-from", help="warm-up JSON: choose --steps to fit --stage-seconds on this machine")
+    t.add_argument("--stage-seconds", default="50,55,75")
     t.set_defaults(func=cmd_student)
     w = sub.add_parser("warmup")
     w.set_defaults(func=cmd_warmup)

@@ -126,18 +126,32 @@ def emoji_tsv(work: Path, split: str, rng: np.random.Generator) -> Path:
     return path
 
 
+def benches(work: Path, limit: int | None) -> dict:
+    """The evaluation sets: easy-VQA test, Fashion-MNIST test (multiple choice and open; the idx files carried in
+    STUDY_DATA/vlm/fmnist_test, else Debian's), emoji multiple choice (unseen and seen emoji)."""
+    from mmmamba.eval.builtin import FASHION_MNIST_DIR, easy_vqa_bench, fashion_mnist_bench
+
+    root = DATA / "vlm" / "fmnist_test"
+    root = root if root.is_dir() else FASHION_MNIST_DIR
+    rng = np.random.default_rng(1)
+    return {"easy-vqa": easy_vqa_bench(limit),
+            "fashion-mnist": fashion_mnist_bench(open_answer=False, limit=limit, root=root),
+            "fashion-mnist-open": fashion_mnist_bench(open_answer=True, limit=limit, root=root),
+            "emoji-unseen": str(emoji_tsv(work, "heldout", rng)), "emoji-seen": str(emoji_tsv(work, "train", rng))}
+
+
 def vlm_eval(model, tok, work: Path, args, smollm2=None) -> dict:
+    """`mmmamba.eval.evaluate` on every set (greedy, batched, the reference generation loop) + held-out text."""
     from mmmamba.eval import evaluate
 
-    rng = np.random.default_rng(1)
-    benches = {"easy-vqa": "easy-vqa", "fashion-mnist": "fashion-mnist", "fashion-mnist-open": "fashion-mnist-open",
-               "emoji-unseen": str(emoji_tsv(work, "heldout", rng)), "emoji-seen": str(emoji_tsv(work, "train", rng))}
     out = {}
-    for name, bench in benches.items():
+    for name, bench in benches(work, args.eval_limit).items():
         t0 = time.time()
-        r = evaluate(model, tok, bench, limit=args.eval_limit, batch_size=args.eval_batch, progress=False)
+        r = evaluate(model, tok, bench, limit=args.eval_limit, batch_size=args.eval_batch, progress=False,
+                     engine=False)
+        keep = ("index", "question", "answer", "prediction", "extracted", "score")
         out[name] = {"n": r["n"], "metrics": r["metrics"], "seconds": round(time.time() - t0, 1),
-                     "examples": r["predictions"][:5]}
+                     "examples": [{k: p.get(k) for k in keep} for p in r["predictions"][:6]]}
         print(f"{name}: {r['metrics']}", flush=True)
     sets = {n: load_tokens(n, "heldout") for n in HELDOUT_SETS}
     out["text"] = text_eval(model, sets, tokens=args.eval_tokens, window=args.window)
@@ -190,7 +204,7 @@ def cmd_teacher(args) -> int:
     new = ("model.vision.",) + tuple(f"model.layers.{i}." for i in range(args.new_layers))
     t2 = time.time()
     log = train_sft(vlm, loader, args.steps, lr=args.lr, new_lr=args.new_lr, new_prefixes=new,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, time_budget_s=args.time_budget)
     train_s = time.time() - t2
     save_model(vlm, work / "vlm_teacher", tok)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -199,7 +213,8 @@ def cmd_teacher(args) -> int:
     result = {"phase": "vlm_teacher", "env": environment(), "command": args.command_line,
               "config": {k: getattr(args, k) for k in ("new_layers", "image_size", "patch_size", "steps", "batch",
                                                        "lr", "new_lr", "seed")},
-              "training_rows": kinds, "samples_seen": args.steps * args.batch, "train_log": log,
+              "training_rows": kinds, "steps_done": log[-1]["step"] if log else 0,
+              "samples_seen": (log[-1]["step"] if log else 0) * args.batch, "train_log": log,
               "data_seconds": round(data_s, 1), "train_seconds": round(train_s, 1),
               "eval": vlm_eval(vlm, tok, work, args, smollm2=smollm2), "seconds": round(time.time() - t0, 1)}
     write_json(Path(args.out), result)
@@ -263,12 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=5e-5, help="LLM layers")
     t.add_argument("--new-lr", type=float, default=1e-3, help="vision front and new layers")
     t.add_argument("--text-rows", type=int, default=2000)
+    t.add_argument("--time-budget", type=float, default=None, help="seconds of training (shortens --steps)")
     t.set_defaults(func=cmd_teacher)
     s = sub.add_parser("student")
     s.add_argument("--name", required=True)
     s.add_argument("--placement", default="every:4")
     s.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch"])
-    s.add_argument("--steps", default="300,300,200")
+    s.add_argument("--steps", default="200,200,150")
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--micro-batch", type=int, default=64)
     s.add_argument("--lr3", type=float, default=2e-4)

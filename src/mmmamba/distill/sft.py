@@ -39,20 +39,30 @@ def sft_optimizer(model: torch.nn.Module, lr: float, new_lr: float, new_prefixes
 
 def train_sft(model, batches: Iterable[dict], steps: int, *, lr: float = 1e-4, new_lr: float = 1e-3,
               new_prefixes: tuple[str, ...] = ("model.vision.",), warmup: float = 0.05, grad_clip: float = 1.0,
-              weight_decay: float = 0.0, log_every: int = 25, progress: bool = True) -> list[dict]:
-    """Train `model` in place for `steps` micro-batches of `batches` (re-iterated as needed); returns the log."""
+              weight_decay: float = 0.0, log_every: int = 25, progress: bool = True,
+              time_budget_s: float | None = None, probe_steps: int = 30) -> list[dict]:
+    """Train `model` in place for `steps` micro-batches of `batches` (re-iterated as needed); returns the log.
+
+    `time_budget_s`: after `probe_steps` steps the step time is measured and the run shortened (never lengthened)
+    to fit the budget; the cosine decay then ends at the new last step."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
     opt = sft_optimizer(model, lr, new_lr, new_prefixes, weight_decay)
     base = [g["lr"] for g in opt.param_groups]
-    n_warm = int(round(warmup * steps)) if warmup < 1 else int(warmup)
+    n_warm = min(int(round(warmup * steps)) if warmup < 1 else int(warmup), probe_steps)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
                                                                                                       enabled=False)
     model.train()
     log, it, t0, run_loss = [], iter(batches), time.time(), 0.0
     bar = tqdm(range(steps), desc="sft", disable=not progress)
     for step in bar:
+        if step >= steps:
+            break
+        if time_budget_s is not None and step == probe_steps:
+            per_step = (time.time() - t0) / probe_steps
+            steps = min(steps, max(probe_steps + 1, int(time_budget_s / per_step)))
+            bar.total = steps
         try:
             batch = next(it)
         except StopIteration:

@@ -1,0 +1,246 @@
+"""Regenerate docs/results/quality/ (README.md tables + PNG plots) from the JSON files the runs brought back.
+
+    python examples/quality/report.py [--raw docs/results/quality/raw] [--out docs/results/quality]
+
+Nothing is typed in by hand: every number comes from a JSON file in --raw, with the card, date, command, token
+budget and wall time recorded there. Missing runs are listed as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+TEXT_SETS = ("kjv", "gcide", "pydocs", "wordnet", "pydoc_topics", "teacher_samples")
+TEXT_NAMES = {"kjv": "KJV Bible", "gcide": "GCIDE", "pydocs": "Python docs (held-out pages)",
+              "wordnet": "WordNet glosses (held-out)", "pydoc_topics": "pydoc topics (held-out)",
+              "teacher_samples": "teacher samples (held-out)"}
+VLM_SETS = ("easy-vqa", "fashion-mnist", "fashion-mnist-open", "emoji-unseen", "emoji-seen")
+TARGETS_TEXT = {"hybrid": 1.15, "linear": 1.4}
+TARGETS_VLM = {"hybrid": 0.97, "linear": 0.90}
+
+
+def load(raw: Path, name: str) -> dict | None:
+    p = raw / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def fmt(x, nd=2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return "–"
+    return f"{x:,.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def where(r: dict) -> str:
+    e = r.get("env", {})
+    return (f"{e.get('device', '?')}, {e.get('date', '?')}, commit {e.get('commit', '?')}, torch {e.get('torch')}, "
+            f"transformers {e.get('transformers')}; wall {fmt(r.get('seconds'), 0)} s; `{r.get('command', '')}`")
+
+
+def acc(metrics: dict) -> float | None:
+    return metrics.get("accuracy", metrics.get("vqa_accuracy"))
+
+
+# -------------------------------------------------------------------------------------------------- text
+def text_section(raw: Path, out: Path) -> list[str]:
+    t, runs = load(raw, "text_teacher"), {n: load(raw, f"text_{n}") for n in ("hybrid", "linear")}
+    for extra in sorted(raw.glob("text_*.json")):
+        n = extra.stem[len("text_"):]
+        if n not in ("teacher", "hybrid", "linear"):
+            runs[n] = load(raw, extra.stem)
+    lines = ["## 1. Text: SmolLM2-135M-Instruct → mmMamba-hybrid and mmMamba-linear", ""]
+    if t is None:
+        return lines + ["Not run yet.", ""]
+    sets = [s for s in TEXT_SETS if s in t["heldout"]]
+    lines += ["Held-out perplexity (each set's first "
+              f"{fmt(t['eval_tokens'], 0)} tokens, window {t['window']}, stride {t['window'] // 2}; sets never "
+              "trained on). Students: ratio to the teacher in brackets; top-1 agreement and KL(teacher ‖ student) "
+              "per token against the teacher on the same tokens.", "",
+              "| model | " + " | ".join(TEXT_NAMES[s] for s in sets) + " | mean top-1 agreement | mean KL |",
+              "|---|" + "---|" * (len(sets) + 2)]
+    lines.append("| teacher | " + " | ".join(fmt(t["heldout"][s]["perplexity"]) for s in sets) + " | 1 | 0 |")
+    for n, r in runs.items():
+        if r is None:
+            lines.append(f"| {n} | not run |" + " |" * (len(sets) + 1))
+            continue
+        cells = []
+        for s in sets:
+            p, tp = r["heldout"][s]["perplexity"], t["heldout"][s]["perplexity"]
+            cells.append(f"{fmt(p)} ({fmt(p / tp)}×)")
+        agree = sum(r["heldout"][s]["top1_agreement"] for s in sets) / len(sets)
+        kl = sum(r["heldout"][s]["kl_to_teacher"] for s in sets) / len(sets)
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {fmt(agree, 3)} | {fmt(kl, 3)} |")
+    lines += ["", "Targets (issue 12): hybrid perplexity ≤ 1.15× and linear ≤ 1.4× the teacher's on held-out text.", ""]
+    for n, limit in TARGETS_TEXT.items():
+        r = runs.get(n)
+        if r is None:
+            lines.append(f"- {n}: not run")
+            continue
+        ratios = {s: r["heldout"][s]["perplexity"] / t["heldout"][s]["perplexity"] for s in sets}
+        met = all(v <= limit for v in ratios.values())
+        worst = max(ratios, key=ratios.get)
+        lines.append(f"- {n}: **{'met' if met else 'not met'}** (worst {TEXT_NAMES[worst]}: "
+                     f"{fmt(ratios[worst])}×; best {fmt(min(ratios.values()))}×)")
+    lines += ["", "Training (the framework's trainer, `examples/quality/text_study.py student`):", "",
+              "| student | stage | steps | batch × seq | tokens | epochs of the mix | lr | first → last loss "
+              "| wall s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in runs.items():
+        if r is None:
+            continue
+        for k, s in r["distill"]["stages"].items():
+            lines.append(f"| {n} | {k} | {s['steps']} | {s['batch_size']} × {s['seq_len']} | {fmt(s['tokens'], 0)} "
+                         f"| {fmt(r['epochs_per_stage'][k])} | {s['lr']:g} | {fmt(s.get('first_loss'), 3)} → "
+                         f"{fmt(s.get('last_loss'), 3)} | {fmt(s['seconds'], 0)} |")
+    mix = next((r["training_mix_tokens"] for r in runs.values() if r), None)
+    if mix:
+        lines += ["", "Training mix (tokens): " + ", ".join(f"{k} {fmt(v, 0)}" for k, v in mix.items())
+                  + f"; total {fmt(sum(mix.values()), 0)}. Teacher samples: {fmt(t['generated_tokens'], 0)} tokens "
+                  f"generated from {t['n_prompts']} prompts (T 0.8, top-p 0.95) in {fmt(t['generation_seconds'], 0)} "
+                  "s, stored with their prompts; 5 % of them held out."]
+    plot_curves({n: r for n, r in runs.items() if r}, out / "text_loss_curves.png", "Text students: stage losses")
+    lines += ["", "![stage losses](text_loss_curves.png)", "", "Generations (greedy, then sampled T 0.7 top-p 0.9; "
+              "48 new tokens):", ""]
+    for i, row in enumerate(t["showcase"]):
+        lines.append(f"**Prompt{' (chat)' if row['chat'] else ''}:** {row['prompt']!r}")
+        lines.append("")
+        for n, r in [("teacher", t)] + [(n, r) for n, r in runs.items() if r]:
+            sc = r["showcase"][i]
+            lines.append(f"- {n}: greedy {sc['greedy']!r} / sampled {sc['sampled']!r}")
+        lines.append("")
+    lines += ["Runs:", "", f"- teacher samples + teacher metrics: {where(t)}"]
+    lines += [f"- {n}: {where(r)}" for n, r in runs.items() if r]
+    return lines + [""]
+
+
+def plot_curves(runs: dict, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for n, r in runs.items():
+        for k, ax in zip(("1", "2", "3"), axes):
+            curve = r["distill"]["stages"].get(k, {}).get("curve") or []
+            if curve:
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], label=n)
+    for k, ax in zip((1, 2, 3), axes):
+        ax.set_title(f"stage {k}" + (" (1000 × per-head MSE)" if k < 3 else " (KL)"))
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------- VLM
+def vlm_section(raw: Path, out: Path) -> list[str]:
+    t = load(raw, "vlm_teacher")
+    runs = {n: load(raw, f"vlm_{n}") for n in ("hybrid", "linear")}
+    lines = ["## 2. Vision-language: a HoVLE-style VLM on SmolLM2 → hybrid and linear", ""]
+    if t is None:
+        return lines + ["Not run yet.", ""]
+    c = t["config"]
+    lines += [f"Teacher: SmolLM2-135M-Instruct with a patch-embedding vision front ({c['image_size']} px, "
+              f"{c['patch_size']} px patches, pixel shuffle 0.5 → 16 image tokens) and {c['new_layers']} new decoder "
+              "layers in front (identity at step 0), fine-tuned with `mmmamba.distill.sft` for "
+              f"{t.get('steps_done', c['steps'])} steps × {c['batch']} (lr {c['lr']:g} LLM, {c['new_lr']:g} new "
+              "parts) on "
+              + ", ".join(f"{k} {v}" for k, v in t["training_rows"].items()) + " rows.", "",
+              "| model | " + " | ".join(VLM_SETS) + " | text ppl (mean ratio to SmolLM2) |",
+              "|---|" + "---|" * (len(VLM_SETS) + 1)]
+    sm = t["eval"].get("text_smollm2")
+    rows = [("teacher", t)] + [(n, r) for n, r in runs.items()]
+    for n, r in rows:
+        if r is None:
+            lines.append(f"| {n} | not run |" + " |" * len(VLM_SETS))
+            continue
+        cells = []
+        for s in VLM_SETS:
+            a = acc(r["eval"][s]["metrics"]) if s in r["eval"] else None
+            ta = acc(t["eval"][s]["metrics"]) if s in t["eval"] else None
+            cell = fmt(100 * a, 1) if a is not None else "–"
+            if n != "teacher" and a is not None and ta:
+                cell += f" ({fmt(100 * a / ta, 0)} %)"
+            cells.append(cell)
+        ratio = None
+        if sm:
+            rs = [r["eval"]["text"][s]["perplexity"] / sm[s]["perplexity"] for s in sm]
+            ratio = math.exp(sum(math.log(x) for x in rs) / len(rs))
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {fmt(ratio)}× |")
+    if sm:
+        lines.append("| SmolLM2 (text only) | – | – | – | – | – | 1× |")
+    lines += ["", "Accuracy in %; students: share of the teacher's accuracy in brackets. easy-VQA: VQA accuracy over "
+              "its test questions; Fashion-MNIST: 10-way multiple choice (letter) and open answer (class name); "
+              "emoji: 4-way multiple choice of Unicode names, for emoji never seen in training and for seen ones.", ""]
+    ev, fm = acc(t["eval"]["easy-vqa"]["metrics"]), acc(t["eval"]["fashion-mnist"]["metrics"])
+    lines.append(f"- Teacher targets: easy-VQA ≥ 90 %: **{'met' if ev >= 0.9 else 'not met'}** ({fmt(100 * ev, 1)} %); "
+                 f"Fashion-MNIST ≥ 85 %: **{'met' if fm >= 0.85 else 'not met'}** ({fmt(100 * fm, 1)} %)"
+                 + ("; text perplexity within 1.2× of SmolLM2's: see the last column" if sm else ""))
+    for n, limit in TARGETS_VLM.items():
+        r = runs.get(n)
+        if r is None:
+            lines.append(f"- {n} ≥ {int(limit * 100)} % of the teacher: not run")
+            continue
+        shares = {s: acc(r["eval"][s]["metrics"]) / max(acc(t["eval"][s]["metrics"]), 1e-9)
+                  for s in ("easy-vqa", "fashion-mnist")}
+        met = all(v >= limit for v in shares.values())
+        lines.append(f"- {n} ≥ {int(limit * 100)} % of the teacher on easy-VQA and Fashion-MNIST: "
+                     f"**{'met' if met else 'not met'}** (" + ", ".join(f"{s} {fmt(100 * v, 1)} %"
+                                                                        for s, v in shares.items()) + ")")
+    plot_curves({n: r for n, r in runs.items() if r}, out / "vlm_loss_curves.png", "VLM students: stage losses")
+    lines += ["", "![stage losses](vlm_loss_curves.png)", "", "Runs:", "", f"- teacher: {where(t)}"]
+    lines += [f"- {n}: {where(r)}" for n, r in runs.items() if r]
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------- gate init
+def gate_section(raw: Path) -> list[str]:
+    g = load(raw, "gate_init_cpu")
+    lines = ["## 3. Beyond the paper: a calibrated output gate", ""]
+    if g is None:
+        return lines + ["Not run yet.", ""]
+    lines += ["`mmmamba.distill.gate_calibration`: W_G reads the mean normed layer input (so SiLU(W_G u) is a "
+              "near-constant positive factor instead of a random one) and the gated norm's weight is fitted by "
+              "least squares to the teacher's attention output, on "
+              f"{g['calibration_sequences']} training sequences of {g['seq_len']} tokens. Step 0 (no training), on "
+              f"{g['eval_sequences']} held-out Python-docs sequences:", "",
+              "| student / init | stage-1 loss at step 0 | mixer-vs-attention cosine | perplexity | KL to teacher |",
+              "|---|---|---|---|---|"]
+    for n, r in g["results"].items():
+        if n == "teacher":
+            lines.append(f"| teacher | – | 1 | {fmt(r['perplexity'])} | 0 |")
+        else:
+            lines.append(f"| {n} | {fmt(r['stage1_loss'], 1)} | {fmt(r['cosine'], 3)} | {fmt(r['perplexity'])} | "
+                         f"{fmt(r['kl_to_teacher'], 3)} |")
+    lines += ["", f"Run: {where(g)}", ""]
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--raw", default="docs/results/quality/raw")
+    p.add_argument("--out", default="docs/results/quality")
+    args = p.parse_args(argv)
+    raw, out = Path(args.raw), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    head = ["# Quality study (issue 12)", "",
+            "Generated by `python examples/quality/report.py` from the JSON files in `raw/` (each names its card, "
+            "date, commit and command). Reproduce: `examples/quality/README.md`.", ""]
+    body = text_section(raw, out) + vlm_section(raw, out) + gate_section(raw)
+    (out / "README.md").write_text("\n".join(head + body) + "\n")
+    print(f"wrote {out / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
