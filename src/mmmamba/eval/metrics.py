@@ -123,14 +123,6 @@ def extract_yes_no(prediction: str) -> str | None:
     return None
 
 
-def yes_no_label(answer: str) -> str:
-    """A reference answer ("yes", "Yes.", "NO") as "Yes" / "No"; ValueError for anything else."""
-    label = extract_yes_no(answer)
-    if label is None or normalize_answer(answer) not in ("yes", "no"):
-        raise ValueError(f"reference answer {answer!r} is not yes or no")
-    return label
-
-
 def yes_no_scores(records: list[dict]) -> dict:
     """records: {"pred": "Yes"/"No"/None, "answer": "Yes"/"No", "category"}: accuracy, unknown share, per category."""
     recs = [dict(r, correct=r["pred"] == r["answer"]) for r in records]

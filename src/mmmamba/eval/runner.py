@@ -16,6 +16,7 @@ prediction. When every candidate is one token, one forward of the prompt scores 
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,18 +141,26 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def _batches(order: list[int], batch_size: int, make, progress: bool, desc: str):
-    """Yield (batch indices, make(batch indices)) with the next batch prepared on a worker thread."""
+def _batches(order: list[int], batch_size: int, per_item, collate, progress: bool, desc: str, workers: int):
+    """Yield (batch indices, collate([per_item(i) for i in batch])) while the next batch is prepared: its items
+    on `workers` threads (image resizing and normalisation, tokenisation and torch release the GIL)."""
     chunks = [order[a:a + batch_size] for a in range(0, len(order), batch_size)]
     bar = tqdm(total=len(order), desc=desc, unit="item", disable=not progress)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(make, chunks[0]) if chunks else None
+    with ThreadPoolExecutor(max_workers=1) as batcher, ThreadPoolExecutor(max_workers=workers) as pool:
+        def make(chunk):
+            return collate(list(pool.map(per_item, chunk)))
+
+        nxt = batcher.submit(make, chunks[0]) if chunks else None
         for k, chunk in enumerate(chunks):
             ready = nxt.result()
-            nxt = pool.submit(make, chunks[k + 1]) if k + 1 < len(chunks) else None
+            nxt = batcher.submit(make, chunks[k + 1]) if k + 1 < len(chunks) else None
             yield chunk, ready
             bar.update(len(chunk))
     bar.close()
+
+
+def _workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def _pixels(tiles: list[torch.Tensor | None], model) -> torch.Tensor | None:
@@ -171,20 +180,24 @@ def _run_generate(model, prep: Prompter, batch_size: int, max_new_tokens: int, p
 
         runner = Engine(model)
 
-    def make(chunk):
-        prompts = [prep.prompt(i) for i in chunk]
-        ids, mask = left_pad([prep.encode(t) for t, _ in prompts], prep.pad_id)
-        return ids, mask, [p for _, p in prompts]
+    def per_item(i):
+        text, tiles = prep.prompt(i)
+        return prep.encode(text), tiles
+
+    def collate(items):
+        ids, mask = left_pad([x[0] for x in items], prep.pad_id)
+        return ids, mask, [x[1] for x in items]
 
     new: list[list[int]] = [[] for _ in prep.texts]
     stops = set(prep.stop_ids)
-    for chunk, (ids, mask, tiles) in _batches(prep.order(), batch_size, make, progress, f"eval {prep.bench.name}"):
+    for chunk, (ids, mask, tiles) in _batches(prep.order(), batch_size, per_item, collate, progress,
+                                                      f"eval {prep.bench.name}", _workers()):
         gen = runner.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                               pixel_values=_pixels(tiles, model), max_new_tokens=max_new_tokens,
                               eos_token_id=prep.stop_ids or None)
         for i, toks in zip(chunk, gen[:, ids.shape[1]:].tolist()):
             new[i] = toks[:next((k for k, t in enumerate(toks) if t in stops), len(toks))]
-    # decoded after the loop: the worker thread encodes with the same tokenizer, which is not thread-safe
+    # decoded after the loop, when no worker uses the tokenizer any more
     return [{"text": prep.tok.decode(t, skip_special_tokens=True).strip(), "new_tokens": len(t)} for t in new]
 
 
@@ -220,32 +233,38 @@ def _run_loglik(model, prep: Prompter, batch_size: int, progress: bool) -> list[
     item when every continuation is a single token (scored from the prompt's last logits), else one per candidate."""
     bench = prep.bench
 
-    def make(chunk):
-        rows = []
-        for i in chunk:
-            cands = _candidates(bench, bench.items[i])
-            text, tiles = prep.prompt(i)
-            ctx, conts = _continuations(prep, text, cands)
-            if all(len(c) == 1 for c in conts):
-                rows.append((i, ctx, tiles, [(c, t, len(ctx)) for c, t in zip(cands, conts)]))
-            else:
-                rows += [(i, ctx + t, tiles, [(c, t, len(ctx))]) for c, t in zip(cands, conts)]
+    def per_item(i):
+        cands = _candidates(bench, bench.items[i])
+        text, tiles = prep.prompt(i)
+        ctx, conts = _continuations(prep, text, cands)
+        if all(len(c) == 1 for c in conts):
+            return [(i, ctx, tiles, [(c, t, len(ctx)) for c, t in zip(cands, conts)])]
+        return [(i, ctx + t, tiles, [(c, t, len(ctx))]) for c, t in zip(cands, conts)]
+
+    def collate(items):
+        rows = [r for rs in items for r in rs]
         ids, mask = left_pad([r[1] for r in rows], prep.pad_id)
         return rows, ids, mask
 
     scores: dict[int, dict[str, float]] = {}
-    for _, (rows, ids, mask) in _batches(prep.order(), batch_size, make, progress, f"loglik {bench.name}"):
+    for _, (rows, ids, mask) in _batches(prep.order(), batch_size, per_item, collate, progress,
+                                         f"loglik {bench.name}", _workers()):
         L = ids.shape[1]
         # logits at positions offset-1 .. offset+len-2 of each row; kept from the end (rows end together)
         keep = max(len(r[1]) - off + 1 for r in rows for _, _, off in r[3])
         logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                        pixel_values=_pixels([r[2] for r in rows], model), logits_to_keep=keep).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        where, owners = [], []  # (row, kept position, token) of every scored token, and its (item, candidate)
         for b, (i, seq, _, cands) in enumerate(rows):
-            end = L - len(seq)  # left padding of this row
+            pad = L - len(seq)
             for cand, cont, off in cands:
-                pos = [keep - (L - (end + off - 1 + j)) for j in range(len(cont))]
-                scores.setdefault(i, {})[cand] = float(sum(logp[b, p, t] for p, t in zip(pos, cont)))
+                where += [(b, keep - L + pad + off - 1 + j, t) for j, t in enumerate(cont)]
+                owners += [(i, cand)] * len(cont)
+        bs, ps, ts = torch.tensor(where, device=logits.device).T
+        lp = (logits[bs, ps, ts].float() - torch.logsumexp(logits[bs, ps].float(), dim=-1)).tolist()
+        for (i, cand), v in zip(owners, lp):
+            item = scores.setdefault(i, {})
+            item[cand] = item.get(cand, 0.0) + v
     out = []
     for i in range(len(bench.items)):
         best = max(scores[i], key=scores[i].get)
