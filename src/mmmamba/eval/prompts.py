@@ -1,4 +1,5 @@
-"""Question text per benchmark type, as mmMamba's VLMEvalKit wrapper builds it (METHOD.md §5).
+"""Question text per benchmark type, as mmMamba's VLMEvalKit wrapper (`eval/mmMamba.py` of the paper's code)
+builds it.
 
 * multiple choice: [hint + "\\n"] question, then "\\nA. option" per option, then
   "\\nAnswer with the option's letter from the given choices directly."
