@@ -8,7 +8,7 @@ import pytest
 from eval_helpers import byte_tokenizer, make_model
 
 from mmmamba.data.corpora import FASHION_MNIST_DIR
-from mmmamba.eval import evaluate, load_bench
+from mmmamba.eval import Bench, Item, evaluate, load_bench
 from mmmamba.eval.prompts import question_text
 
 needs_easy_vqa = pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None, reason="pip install easy-vqa")
@@ -50,3 +50,14 @@ def test_tiny_vlm_on_fashion_mnist_with_and_without_engine():
 def test_unknown_bench():
     with pytest.raises(FileNotFoundError, match="neither a built-in"):
         load_bench("nope")
+
+
+def test_engine_leaves_the_model_unfused():
+    """After an engine run every projection owns its storage again (the model can be trained and saved)."""
+    tok = byte_tokenizer()
+    model = make_model(tok, False, ["attention", "mamba2"] * 2)
+    items = [Item(index="0", question="Colour?", answer=["red"])]
+    evaluate(model, tok, Bench("toy", "short", "vqa", items), max_new_tokens=2, progress=False, engine=True)
+    ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
+    assert not any(p.is_inference() for p in model.parameters())

@@ -170,15 +170,24 @@ def _pixels(tiles: list[torch.Tensor | None], model) -> torch.Tensor | None:
     return torch.cat(tiles).to(model.device, model.dtype, non_blocking=True)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the engine's fused weights must stay ordinary tensors of the model
 def _run_generate(model, prep: Prompter, batch_size: int, max_new_tokens: int, progress: bool,
                   engine: bool | None) -> list[dict]:
     use_engine = model.device.type == "cuda" if engine is None else engine
-    runner = model
-    if use_engine:
-        from ..inference.engine import Engine
+    if not use_engine:
+        return _generate_batches(model, model, prep, batch_size, max_new_tokens, progress)
+    from ..inference.engine import Engine
 
-        runner = Engine(model)
+    runner = Engine(model)
+    try:
+        return _generate_batches(model, runner, prep, batch_size, max_new_tokens, progress)
+    finally:  # the model leaves as it came: own weight storage per projection (trainable, savable), no cache
+        runner.unfuse()
+        runner.release()
+
+
+def _generate_batches(model, runner, prep: Prompter, batch_size: int, max_new_tokens: int,
+                      progress: bool) -> list[dict]:
 
     def per_item(i):
         text, tiles = prep.prompt(i)
