@@ -37,7 +37,7 @@ from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
 from ..ops.gla_prep import split_heads
 from ..ops.rope import apply_rope, apply_rope_ref
 from ..ops.ssd import resolve_backend, ssd_gla
-from .generate import _eos_ids, sample_next
+from .generate import decode_loop, resolve_options, sample_next
 from .static_cache import StaticCache
 
 
@@ -683,59 +683,67 @@ class Engine:
     # -- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               eos_token_id: int | list[int] | None = None, generator: torch.Generator | None = None):
-        """Yield one (b,) tensor of new tokens per step (rows that stopped repeat their stop token)."""
+               pixel_values: torch.Tensor | None = None, generator: torch.Generator | None = None, **kwargs):
+        """Yield one (b,) tensor of new tokens per step (finished rows are padded as in `generate`). Greedy or
+        sampling (max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id); the logits
+        processors and score outputs are `generate`'s only."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        opts = resolve_options(self.model, None, kwargs, input_ids.shape[-1])
+        extra = [k for k in ("min_new_tokens", "min_length", "return_dict_in_generate", "output_scores",
+                             "output_logits") if getattr(opts, k)] + (["repetition_penalty"]
+                                                                      if opts.repetition_penalty != 1.0 else [])
+        if extra:
+            raise NotImplementedError(f"Engine.stream does not take {extra}; use Engine.generate")
         input_ids = input_ids.to(self.device)
         b, L = input_ids.shape
-        self.reserve(b, L + max_new_tokens)
-        stops = torch.tensor(_eos_ids(self.model, eos_token_id), device=self.device, dtype=torch.long)
+        self.reserve(b, L + opts.max_new_tokens)
+        stops = torch.tensor(opts.eos_token_id, device=self.device, dtype=torch.long)
         logits = self.prefill(input_ids, attention_mask, pixel_values)
-        greedy = not do_sample or temperature == 0
-        nxt = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        prev = None
-        for step in range(max_new_tokens):
-            if prev is not None and stops.numel():
-                nxt = torch.where(done, prev, nxt)
-            yield nxt
-            prev = nxt
+        nxt = sample_next(logits, opts.do_sample, opts.temperature, opts.top_k, opts.top_p, generator)
+        unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
+        for step in range(opts.max_new_tokens):
             if stops.numel():
-                done = done | torch.isin(nxt, stops)
-                if bool(done.all()):
+                nxt = torch.where(unfinished, nxt, opts.pad_token_id)
+            yield nxt
+            if stops.numel():
+                unfinished = unfinished & ~torch.isin(nxt, stops)
+                if not bool(unfinished.any()):
                     return
-            if step == max_new_tokens - 1:
+            if step == opts.max_new_tokens - 1:
                 return
             self._bufs["ids"].copy_(nxt)
             self.decode_step()
-            nxt = self._bufs["next"].clone() if greedy else sample_next(
-                self._bufs["logits"], do_sample, temperature, top_k, top_p, generator)
+            nxt = self._bufs["next"].clone() if opts.greedy else sample_next(
+                self._bufs["logits"], opts.do_sample, opts.temperature, opts.top_k, opts.top_p, generator)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | list[int] | None = None, streamer=None,
-                 generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
-        """Same contract as `mmmamba.inference.generate`: (b, prompt + new) token ids."""
+                 pixel_values: torch.Tensor | None = None, streamer=None, generator: torch.Generator | None = None,
+                 generation_config=None, **kwargs):
+        """Same contract and arguments as `mmmamba.inference.generate` (the same token loop, `decode_loop`, over
+        the engine's prefill and decode step): (b, prompt + new) ids or a `GenerateDecoderOnlyOutput`."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
+        opts = resolve_options(self.model, generation_config, kwargs, input_ids.shape[-1])
         input_ids = input_ids.to(self.device)
+        b, L = input_ids.shape
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        toks = []
-        for t in self.stream(input_ids, attention_mask, pixel_values, max_new_tokens, do_sample, temperature,
-                             top_k, top_p, eos_token_id, generator):
-            toks.append(t)
+        if opts.max_new_tokens <= 0:
             if streamer is not None:
-                streamer.put(t.cpu())
-        if streamer is not None:
-            streamer.end()
-        new = torch.stack(toks, dim=1) if toks else input_ids.new_zeros(input_ids.shape[0], 0)
-        return torch.cat([input_ids, new], dim=1)
+                streamer.end()
+            return decode_loop(opts, input_ids, attention_mask, None, None)
+        self.reserve(b, L + opts.max_new_tokens)
+        first = self.prefill(input_ids, attention_mask, pixel_values)
+
+        def step(nxt: torch.Tensor, need_logits: bool = True) -> torch.Tensor | None:
+            self._bufs["ids"].copy_(nxt)
+            self.decode_step()
+            return self._bufs["logits"] if need_logits else None
+
+        return decode_loop(opts, input_ids, attention_mask, first, step, streamer, generator,
+                           greedy_next=lambda: self._bufs["next"])
 
     # -- timing helpers (benchmarks) ------------------------------------------------------------------------
     @torch.no_grad()
