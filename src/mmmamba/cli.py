@@ -16,12 +16,10 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _load_tokenizer(path):
-    from transformers import AutoTokenizer
+    """None for a folder without tokenizer files; files that cannot be loaded raise, naming the file."""
+    from .models.tokenizer import load_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception:
-        return None
+    return load_tokenizer(path, required=False)
 
 
 def cmd_seed(args) -> int:
@@ -84,16 +82,106 @@ def cmd_generate(args) -> int:
         pixel_values = pixel_values.to(args.device, model.dtype)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    base = model
     use_engine = args.engine if args.engine is not None else args.device.startswith("cuda")
     if use_engine:  # static cache, fused weights, CUDA-graph decode; same tokens as the reference loop
         from .inference.engine import Engine
 
         model = Engine(model)
-    model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values,
-                   max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
-                   generator=gen)
+    out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values,
+                         max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
+                         generator=gen)
+    _say_if_stopped_at_once(out[0, enc["input_ids"].shape[1]:], tok, base)
     return 0
+
+
+def _say_if_stopped_at_once(new, tok, model) -> None:
+    """The model's first token was an end token: say so instead of printing nothing."""
+    from .inference.generate import _eos_ids
+
+    if new.numel() and int(new[0]) in _eos_ids(model, None):
+        first = tok.convert_ids_to_tokens(int(new[0]))
+        print(f"mmmamba: the model ended its answer at once (its first token was the end token {first!r}); "
+              "no text to show", file=sys.stderr)
+
+
+def _chat_runner(args):
+    """(model, tokenizer, what generates: the model or, on CUDA by default, its Engine) for chat and serve."""
+    from .models.tokenizer import load_tokenizer
+    from .teachers.hf import load_teacher, resolve_teacher
+
+    path = resolve_teacher(args.model)
+    model = load_teacher(path, dtype=_dtype(args.dtype)).to(args.device).eval()
+    tok = load_tokenizer(path)
+    use_engine = args.engine if args.engine is not None else args.device.startswith("cuda")
+    if use_engine:
+        from .inference.engine import Engine
+
+        return model, tok, Engine(model)
+    return model, tok, model
+
+
+def _conversation(args):
+    from .inference.chat import Conversation
+
+    model, tok, runner = _chat_runner(args)
+    gen_kwargs = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+                      top_p=args.top_p)
+    if args.repetition_penalty != 1.0:
+        gen_kwargs["repetition_penalty"] = args.repetition_penalty
+    return Conversation(model, tok, runner, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                        max_tiles=args.max_tiles, gen_kwargs=gen_kwargs)
+
+
+def _chat_image(conv, path) -> None:
+    try:
+        n = conv.add_image(path)
+        print(f"[image {path} added ({n} tiles); it goes with your next message]")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"[image not added: {e}]")
+
+
+def cmd_chat(args) -> int:
+    from transformers import TextStreamer
+
+    conv = _conversation(args)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    streamer = TextStreamer(conv.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print("mmmamba chat: type a message; /image PATH adds an image, /reset starts over, /quit (or Ctrl-D) leaves")
+    if args.image:
+        _chat_image(conv, args.image)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            conv.reset()
+            print("[conversation reset]")
+        elif line.startswith("/image"):
+            _chat_image(conv, line[len("/image"):].strip())
+        elif line.startswith("/"):
+            print(f"[unknown command {line.split()[0]}; commands: /image PATH, /reset, /quit]")
+        elif line:
+            _chat_turn(conv, line, streamer, gen)
+
+
+def _chat_turn(conv, line, streamer, gen) -> None:
+    print("model> ", end="", flush=True)
+    try:
+        r = conv.reply(line, streamer, gen)
+    except ValueError as e:
+        print(f"\n[error: {e}]")
+        return
+    if r.notice():
+        print(r.notice())
+    if r.dropped_turns:
+        print(f"[{r.dropped_turns} oldest messages dropped to fit the context of {conv.max_context} tokens]")
+    print(f"[{r.new_tokens} tokens in {r.seconds:.2f} s, {r.tokens_per_s:.1f} tokens/s]")
 
 
 def cmd_bench(args) -> int:
@@ -197,6 +285,22 @@ def _add_eval_parsers(sub) -> None:
     q.add_argument("--dtype", default="float32")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_ppl)
+def _add_chat_arguments(c) -> None:
+    c.add_argument("--model", required=True, help="mmmamba, transformers or HoVLE folder, or 'smollm2'")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
+    c.add_argument("--max-context", type=int, default=None,
+                   help="tokens of history + answer; the oldest turns are dropped beyond it "
+                        "(default: the model's max_position_embeddings)")
+    c.add_argument("--max-tiles", type=int, default=6)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    c.add_argument("--top-k", type=int, default=0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--repetition-penalty", type=float, default=1.0)
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--dtype", default="float32")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
+                   help="fast engine (static cache, fused kernels, CUDA graph); default: on for CUDA")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     _add_eval_parsers(sub)
+
+    c = sub.add_parser("chat", help="multi-turn chat with a model folder (streamed; /image PATH, /reset, /quit)")
+    _add_chat_arguments(c)
+    c.add_argument("--image", help="image for the first message (models with a vision front)")
+    c.set_defaults(func=cmd_chat)
 
     from .bench.run import add_arguments as add_bench_arguments
 

@@ -411,12 +411,10 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 # --------------------------------------------------------------------------------------------- the run
 def _load_tokenizer(path):
-    try:
-        from transformers import AutoTokenizer
+    """The teacher's tokenizer (saved with each stage's model); None only for a folder without tokenizer files."""
+    from ..models.tokenizer import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception:
-        return None
+    return load_tokenizer(path, required=False)
 
 
 def _precision(recipe: Recipe) -> str:
