@@ -161,6 +161,8 @@ def cmd_chat(args) -> int:
         except EOFError:
             print()
             return 0
+        if not sys.stdin.isatty():  # piped input: echo it, so the transcript reads like the session
+            print(line)
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
