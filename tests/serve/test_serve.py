@@ -62,8 +62,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    uvicorn = pytest.importorskip("uvicorn")
-    from mmmamba.serve import create_app
+    try:
+        import uvicorn
+
+        from mmmamba.serve import create_app
+    except ImportError as e:
+        _need("the web stack", False, f"{e}; pip install 'mmmamba[serve]'")
 
     d = write_tiny_vlm(tmp_path_factory.mktemp("serve") / "tiny-vlm")
     model = load_model(d)
@@ -102,6 +106,15 @@ def test_event_stream_over_http(server):
     with pytest.raises(urllib.error.HTTPError) as e:
         _post(server + "/api/chat", {"session": "http", "message": "  "})
     assert e.value.code == 400
+
+
+def test_a_client_leaving_mid_answer_does_not_break_the_next(server):
+    r = _post(server + "/api/chat", {"session": "leaver", "message": "hello"})
+    assert r.read(20)  # the first event arrived; now hang up
+    r.close()
+    with _post(server + "/api/chat", {"session": "next", "message": "tell me more"}) as r2:
+        body = r2.read().decode()
+    assert "event: done" in body and '"tokens": 24' in body
 
 
 def test_browser_chat_with_image(server, tmp_path):
@@ -153,3 +166,16 @@ def test_browser_chat_with_image(server, tmp_path):
             page.wait_for_selector("text=conversation reset")
         finally:
             browser.close()
+
+
+def test_cli_serve_builds_the_app_for_a_folder(tmp_path, monkeypatch, capsys):
+    import mmmamba.serve
+    from mmmamba.cli import main
+
+    got = {}
+    monkeypatch.setattr(mmmamba.serve, "serve", lambda app, host, port: got.update(app=app, host=host, port=port))
+    d = write_tiny_vlm(tmp_path / "m")
+    assert main(["serve", "--model", str(d), "--device", "cpu", "--port", "8123", "--max-new-tokens", "7"]) == 0
+    assert got["host"] == "127.0.0.1" and got["port"] == 8123
+    assert "http://127.0.0.1:8123/" in capsys.readouterr().out
+    assert {r.path for r in got["app"].routes} >= {"/", "/api/info", "/api/image", "/api/chat", "/api/reset"}

@@ -108,10 +108,9 @@ def internlm2_tokenizer(path: str | os.PathLike, cfg: dict | None = None):
     if proto.trainer_spec.model_type != 2:
         raise TokenizerLoadError(f"{model_file}: InternLM2's tokenizer is a BPE SentencePiece model, this one has "
                                  f"model_type {proto.trainer_spec.model_type}")
+    # as InternLM2's own fast tokenizer: only the dummy prefix and the space -> ▁ rule of the SentencePiece
+    # normalizer are applied (InternLM2's model has the identity normalizer and keeps extra whitespace)
     norm = proto.normalizer_spec
-    if norm.name not in ("identity", "") or norm.remove_extra_whitespaces:
-        raise TokenizerLoadError(f"{model_file}: normalizer {norm.name!r} (remove_extra_whitespaces="
-                                 f"{norm.remove_extra_whitespaces}) is not InternLM2's identity normalizer")
     pieces = [p.piece for p in proto.pieces]
     added = _added_tokens(cfg, len(pieces), model_file)
     n_extra = sum(i >= len(pieces) for i in added)

@@ -115,30 +115,32 @@ def create_app(model, tokenizer, runner=None, *, title: str = "mmmamba", convers
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def _stream(conv: Conversation, message: str):
-        with lock:
-            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-            result: dict = {}
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        result: dict = {}
 
-            def work():
+        def work():
+            # the worker, not the response, holds the lock: a client that leaves mid-answer (its response is
+            # abandoned, not closed) cannot keep the model from the next request
+            with lock:
                 try:
                     result["reply"] = conv.reply(message, streamer)
                 except Exception as e:  # reported to the page; the conversation is unchanged
                     result["error"] = f"{type(e).__name__}: {e}"
                     streamer.end()
 
-            t = threading.Thread(target=work, daemon=True)
-            t.start()
-            for text in streamer:
-                if text:
-                    yield _sse("token", {"text": text})
-            t.join()
-            if "error" in result:
-                yield _sse("error", {"error": result["error"]})
-                return
-            r = result["reply"]
-            yield _sse("done", {"text": r.text, "tokens": r.new_tokens, "seconds": round(r.seconds, 3),
-                                "tokens_per_s": round(r.tokens_per_s, 2), "notice": r.notice(),
-                                "dropped": r.dropped_turns, "memory": memory_stats(model.device)})
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        for text in streamer:
+            if text:
+                yield _sse("token", {"text": text})
+        t.join()
+        if "error" in result:
+            yield _sse("error", {"error": result["error"]})
+            return
+        r = result["reply"]
+        yield _sse("done", {"text": r.text, "tokens": r.new_tokens, "seconds": round(r.seconds, 3),
+                            "tokens_per_s": round(r.tokens_per_s, 2), "notice": r.notice(),
+                            "dropped": r.dropped_turns, "memory": memory_stats(model.device)})
 
     return app
 
