@@ -116,3 +116,19 @@ def test_stopped_at_once_is_reported(tmp_path):
 def test_budget_must_leave_room():
     with pytest.raises(ValueError, match="leaves no room"):
         Conversation(torch.nn.Linear(1, 1), tiny_tokenizer(), max_new_tokens=64, max_context=64)
+
+
+def test_engine_runner_gives_the_same_conversation(vlm, tmp_path):
+    from mmmamba.inference.engine import Engine
+
+    model, tok = vlm
+    png = write_png(tmp_path / "a.png", 60, 28)
+    replies = []
+    for runner in (model, Engine(model, kernels="torch")):
+        conv = Conversation(model, tok, runner, max_new_tokens=6, max_tiles=2,
+                            gen_kwargs=dict(repetition_penalty=1.3))
+        conv.add_image(png)
+        replies.append([conv.reply("describe this picture").text, conv.reply("tell me more").text])
+        if runner is not model:
+            runner.unfuse()
+    assert replies[0] == replies[1] and all(replies[0])
