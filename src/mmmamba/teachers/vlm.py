@@ -14,7 +14,7 @@ import copy
 import torch
 
 from ..models import ATTENTION, MMMambaConfig, MMMambaForCausalLM
-from ..models.image_processing import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, tokens_per_tile
+from ..models.image_processing import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 
 
 def add_image_tokens(tokenizer) -> int:
@@ -84,5 +84,4 @@ def build_vlm(llm: MMMambaForCausalLM, tokenizer, new_layers: int = 2, image_siz
     if cfg.tie_word_embeddings:
         vlm.tie_weights()
     vlm.generation_config = copy.deepcopy(llm.generation_config)
-    assert tokens_per_tile(cfg) > 0
     return vlm
