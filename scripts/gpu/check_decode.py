@@ -1,5 +1,5 @@
 """GPU check of the fast inference path (Engine: Triton decode kernels + CUDA graph, chunked prefill) against the
-reference path (`mmmamba.inference.generate`: HybridCache, one module call per token).
+reference path (`mmmamba.models.generate`: HybridCache, one module call per token).
 
 fp32 (TF32 off): identical greedy tokens for --steps steps (linear, hybrid, teacher; Triton and torch kernels);
 a left-padded batch of 3; sampling with the same seeded generator; a chunked prefill (informative: fla's fp32
@@ -27,9 +27,9 @@ os.environ.setdefault("MMMAMBA_TRITON_TUNE", "0")  # one block configuration per
 import torch  # noqa: E402
 
 from mmmamba import MMMambaConfig, MMMambaForCausalLM  # noqa: E402
-from mmmamba.inference import generate  # noqa: E402
 from mmmamba.inference.engine import Engine  # noqa: E402
 from mmmamba.models.cache import HybridCache  # noqa: E402
+from mmmamba.models.generate import generate  # noqa: E402
 
 DIMS = dict(vocab_size=2000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0, mamba_d_conv=2,

@@ -14,7 +14,8 @@ import os
 
 import torch
 
-from mmmamba.ops.ssd import fla_available, fla_backward_ok, ssd_chunked, ssd_fla
+from mmmamba.ops.ssd import fla_available, fla_backward_ok, ssd_fla
+from mmmamba.ops.ssd_ref import ssd_chunked
 
 
 def rel(a, b):

@@ -44,7 +44,7 @@ os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # as the CLI: fla's autot
 
 from mmmamba.distill.compile import compile_layers, compile_mixers
 from mmmamba.distill.graphs import GraphedSteps
-from mmmamba.distill.placement import parse_placement
+from mmmamba.distill.seed import seed_student
 from mmmamba.distill.stages import (
     EndToEndDistill,
     LayerwiseDistill,
@@ -53,7 +53,7 @@ from mmmamba.distill.stages import (
     set_trainable,
 )
 from mmmamba.models import ATTENTION
-from mmmamba.seed import seed_student
+from mmmamba.models.placement import parse_placement
 from mmmamba.teachers.hf import load_teacher
 
 

@@ -8,8 +8,8 @@ import transformers
 
 import mmmamba
 from mmmamba import HybridCache, MMMambaConfig, MMMambaForCausalLM
+from mmmamba.distill.seed import seed_student
 from mmmamba.io import load_model, save_model
-from mmmamba.seed import seed_student
 
 print("transformers", transformers.__version__, "torch", torch.__version__, torch.cuda.get_device_name())
 torch.manual_seed(0)

@@ -23,8 +23,8 @@ def _load_tokenizer(path):
 
 
 def cmd_seed(args) -> int:
+    from .distill.seed import seed_student
     from .io import save_model
-    from .seed import seed_student
     from .teachers.hf import load_teacher, resolve_teacher
 
     if args.attention_layers and args.placement:
@@ -98,9 +98,9 @@ def cmd_generate(args) -> int:
 
 def _say_if_stopped_at_once(new, tok, model) -> None:
     """The model's first token was an end token: say so instead of printing nothing."""
-    from .inference.generate import _eos_ids
+    from .models.generate import eos_ids
 
-    if new.numel() and int(new[0]) in _eos_ids(model, None):
+    if new.numel() and int(new[0]) in eos_ids(model, None):
         first = tok.convert_ids_to_tokens(int(new[0]))
         print(f"mmmamba: the model ended its answer at once (its first token was the end token {first!r}); "
               "no text to show", file=sys.stderr)

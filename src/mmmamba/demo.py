@@ -81,10 +81,10 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256,
     from transformers import AutoTokenizer
 
     from .distill.recipe import parse_recipe
+    from .distill.seed import seed_student
     from .distill.trainer import run_distill
     from .eval import kl_to_teacher, perplexity
     from .io import load_model
-    from .seed import seed_student
     from .teachers.hf import load_teacher, smollm2_path
 
     torch.manual_seed(0)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .models import MMMambaForCausalLM
+
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike):
@@ -75,8 +77,6 @@ def check_model_folder(path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None):
     """Load an mmmamba model folder after checking its files."""
-    from .models import MMMambaForCausalLM
-
     path = check_model_folder(path)
     model = MMMambaForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     if device is not None:

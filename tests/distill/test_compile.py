@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mmmamba.distill.compile import compile_layers
+from mmmamba.distill.seed import seed_student
 from mmmamba.distill.stages import (
     EndToEndDistill,
     LayerwiseDistill,
@@ -13,7 +14,6 @@ from mmmamba.distill.stages import (
     enable_checkpointing,
     set_trainable,
 )
-from mmmamba.seed import seed_student
 
 
 def _ids(b=2, l=24, seed=0):

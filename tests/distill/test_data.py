@@ -127,7 +127,7 @@ def test_internlm2_chat_template_when_tokenizer_has_none(tmp_path, tok):
     f = write_jsonl(tmp_path / "d.jsonl", [conv(("system", "Be brief."), ("human", "Q"), ("gpt", "A"))])
     (s,) = build_dataset({"sources": [{"path": str(f), "split": "all"}], "add_bos": False}, tok).samples
     assert tok.decode(s.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\nQ")
-    from mmmamba.teachers.hovle import INTERNLM2_CHAT_SYSTEM
+    from mmmamba.models.chat_prompt import INTERNLM2_CHAT_SYSTEM
 
     assert INTERNLM2_SYSTEM == INTERNLM2_CHAT_SYSTEM
     f = write_jsonl(tmp_path / "e.jsonl", [conv(("human", "Q"), ("gpt", "A"))])

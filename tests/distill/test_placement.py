@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmmamba.distill.placement import auto_count, layer_types_for, parse_placement, resolve_placement
+from mmmamba.distill.seed import seed_student
 from mmmamba.distill.sensitivity import (
     auto_placement,
     candidate_layers,
     format_sensitivity,
     layer_sensitivity,
+    resolve_placement,
     reverted_layer,
 )
-from mmmamba.seed import seed_student
+from mmmamba.models.placement import auto_count, layer_types_for, parse_placement
 
 
 # ---------------------------------------------------------------------------------------------- static specs

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mmmamba.distill.placement import parse_placement
 from mmmamba.distill.recipe import RecipeError, load_recipe, parse_recipe
+from mmmamba.models.placement import parse_placement
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 BASE = {"teacher": "smollm2", "output_dir": "runs/x"}

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmmamba.distill.seed import seed_student
 from mmmamba.distill.stages import (
     EndToEndDistill,
     LayerwiseDistill,
@@ -18,7 +19,6 @@ from mmmamba.distill.stages import (
     trainable_parameter_names,
 )
 from mmmamba.ops.mse import masked_mse
-from mmmamba.seed import seed_student
 
 MIXER = "model.layers.{}.mixer."
 S1 = ["A_log", "conv1d.bias", "conv1d.weight", "dt_bias", "dt_proj.weight", "g_norm.weight", "g_proj.weight"]

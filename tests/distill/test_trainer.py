@@ -273,8 +273,8 @@ def test_stages_cut_kl_to_teacher_tenfold(tmp_path):
 
 
 def test_optimizer_groups_and_wsd_schedule(tiny_teacher):
+    from mmmamba.distill.seed import seed_student
     from mmmamba.distill.stages import set_trainable
-    from mmmamba.seed import seed_student
 
     student = seed_student(tiny_teacher, None)
     set_trainable(student, 1)

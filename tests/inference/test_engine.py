@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmmamba.inference import generate
 from mmmamba.inference.engine import Engine
 from mmmamba.inference.static_cache import StaticCache
+from mmmamba.models.generate import generate
 
 LINEAR = ["mamba2"] * 4
 HYBRID = ["attention", "mamba2", "mamba2", "mamba2"]

@@ -98,7 +98,7 @@ def case_kernels():
     k = k.view(B, kv, d).repeat_interleave(h // kv, 1)
     q = q.view(B, h, d)
     dt = F.softplus(z[:, C + h * d:] + dtb)
-    from mmmamba.ops.ssd import ssd_step
+    from mmmamba.ops.ssd_ref import ssd_step
 
     y_ref, S_ref = ssd_step(S_ref, v, dt, negA, k, q)
     close(S, S_ref)
@@ -197,8 +197,8 @@ def case_kernels():
 def case_engine():
     from conftest import tiny_model
 
-    from mmmamba.inference import generate
     from mmmamba.inference.engine import Engine
+    from mmmamba.models.generate import generate
 
     for lt in (["mamba2", "mamba2"], ["attention", "mamba2"]):
         model = tiny_model(lt, head_dim=16, num_hidden_layers=2)

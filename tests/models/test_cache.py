@@ -7,9 +7,9 @@ import torch
 from conftest import left_pad
 
 from mmmamba import HybridCache
+from mmmamba.distill.seed import seed_student
 from mmmamba.layers.attention import KVState
 from mmmamba.layers.mamba2 import SSMState
-from mmmamba.seed import seed_student
 
 STUDENTS = {"linear": None, "hybrid": [0, 3], "teacher": "all"}
 

@@ -12,7 +12,8 @@ from conftest import TorchGLA, requires_triton, run_interpreted
 
 from mmmamba.ops import ssd_fla
 from mmmamba.ops.gla_prep import gla_prep_ref, split_heads
-from mmmamba.ops.ssd import ssd_chunked, ssd_packed
+from mmmamba.ops.ssd import ssd_packed
+from mmmamba.ops.ssd_ref import ssd_chunked
 
 ssd_mod = importlib.import_module("mmmamba.ops.ssd")  # the module (`mmmamba.ops.ssd` is also the function's name)
 

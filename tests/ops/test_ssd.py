@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmmamba.ops import ssd, ssd_chunked, ssd_naive, ssd_step
-from mmmamba.ops.ssd import ssd_step_state
+from mmmamba.ops.ssd_ref import ssd_step_state
 
 
 def inputs(b=2, l=37, h=3, n=5, p=4, seed=0, dtype=torch.float32, state=True, d=True):

@@ -9,9 +9,10 @@ import torch
 from hovle_ckpt import hovle_raw_config, random_hovle_tensors, write_checkpoint, write_hovle
 from hovle_reference import hovle_logits
 
+from mmmamba.models.chat_prompt import internlm2_chat_prompt
 from mmmamba.models.config import ATTENTION
 from mmmamba.teachers.hf import load_teacher
-from mmmamba.teachers.hovle import fit_position_table, internlm2_chat_prompt, load_hovle, split_wqkv
+from mmmamba.teachers.hovle import fit_position_table, load_hovle, split_wqkv
 
 IMG = 97  # img_context_token_id of the tiny checkpoints
 
@@ -179,8 +180,8 @@ def test_load_teacher_dispatch_sharded_and_bf16(tmp_path):
 
 
 def test_seed_save_and_reload_keep_vision_and_rope(tmp_path):
+    from mmmamba.distill.seed import seed_student
     from mmmamba.io import load_model, save_model
-    from mmmamba.seed import seed_student
 
     path, raw, T = write_hovle(tmp_path / "hovle", seed=7, n_emb=2, n_llm=2)
     teacher = load_hovle(path)
@@ -270,9 +271,9 @@ def test_generation_stops_on_im_end_for_internlm2_chat(tmp_path):
 def test_hovle_2p6b_dims_and_parameter_count():
     """HoVLE-2.6B's shapes (METHOD.md §1.6) on the meta device: 32 layers, 256 tokens per tile and
     2.606 B teacher parameters = ours + the unused CLS and LLM tok_embeddings; seeded linear student 2.742 B."""
+    from mmmamba.distill.seed import seed_student
     from mmmamba.models import MMMambaForCausalLM
     from mmmamba.models.image_processing import tokens_per_tile
-    from mmmamba.seed import seed_student
     from mmmamba.teachers.hovle import hovle_config
 
     raw = hovle_raw_config(hidden=2048, heads=16, kv_heads=8, inter=8192, vocab=92553, image_size=448, patch=14,

@@ -9,8 +9,7 @@ from hovle_reference import hovle_logits
 
 from mmmamba.models.config import ATTENTION, MAMBA2
 from mmmamba.teachers.hf import load_teacher
-from mmmamba.teachers.hovle import load_hovle
-from mmmamba.teachers.mmmamba_hf import load_mmmamba_hf, split_wvkqgdt
+from mmmamba.teachers.mmmamba_hf import load_internvl_chat, load_mmmamba_hf, split_wvkqgdt
 
 N_EMB, N_LLM, H, HEADS, KV = 8, 24, 32, 4, 2
 D = H // HEADS
@@ -91,16 +90,16 @@ def test_hybrid_forward_matches_plain_reference(tmp_path):
     torch.testing.assert_close(ours, hovle_logits(raw, T, ids, px), atol=1e-5, rtol=1e-5)
 
 
-def test_load_hovle_and_load_teacher_delegate(tmp_path):
+def test_load_internvl_chat_and_load_teacher_delegate(tmp_path):
     path, raw, T = _write(tmp_path, {0, 9})
-    for m in (load_hovle(path), load_teacher(path)):
+    for m in (load_internvl_chat(path), load_teacher(path)):
         assert m.config.layer_types[0] == ATTENTION and m.config.layer_types[1] == MAMBA2
         _check_placement(m, T, {0, 9})
 
 
 def test_layer_types_inferred_without_layers_block_type(tmp_path):
     path, raw, T = _write(tmp_path, {3}, declare=False)
-    m = load_hovle(path)  # detected through the wvkqgdt tensors
+    m = load_internvl_chat(path)  # detected through the wvkqgdt tensors
     assert m.config.attention_layers == [3]
     _check_placement(m, T, {3})
 

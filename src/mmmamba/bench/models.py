@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.config import MMMambaConfig
+from ..models import MMMambaConfig, MMMambaForCausalLM
+from ..models.placement import parse_placement
 
 # HoVLE-2.6B: 8 embedding + 24 InternLM2 layers = 32 decoder layers (METHOD.md §1)
 HOVLE_DIMS = dict(
@@ -26,16 +27,7 @@ VARIANTS = {"teacher": "all", "linear": None, "hybrid": "every:4"}
 def attention_layers(spec, num_layers: int) -> list[int]:
     if spec == "all":
         return list(range(num_layers))
-    try:
-        from ..distill.placement import parse_placement
-    except Exception:  # pragma: no cover - placement module unavailable
-        parse_placement = None
-    if parse_placement is not None:
-        return parse_placement(spec, num_layers)
-    if spec is None:
-        return []
-    k = int(str(spec).split(":")[1])
-    return list(range(0, num_layers, k))
+    return parse_placement(spec, num_layers)
 
 
 def make_config(dims: dict, variant: str, placement: str | None = None) -> MMMambaConfig:
@@ -49,8 +41,6 @@ def make_config(dims: dict, variant: str, placement: str | None = None) -> MMMam
 @torch.no_grad()
 def build_ours(config: MMMambaConfig, device, dtype: torch.dtype, seed: int = 0):
     """Random-weight MMMambaForCausalLM built directly on `device` (fp32 init, then cast)."""
-    from ..models.decoder import MMMambaForCausalLM
-
     torch.manual_seed(seed)
     with torch.device(device):
         model = MMMambaForCausalLM(config)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..ops.ssd import ssd_chunked, ssd_naive
+from ..ops.ssd_ref import ssd_chunked, ssd_naive
 
 
 def make_inputs(length: int, heads: int, dim: int, seed: int = 0):

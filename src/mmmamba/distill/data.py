@@ -86,15 +86,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.corpora import heldout_keys, pydoc_documents
+from ..models.chat_prompt import INTERNLM2_CHAT_SYSTEM
 
 log = logging.getLogger("mmmamba.data")
 
 IGNORE_INDEX = -100
-# InternVL's system prompt for internlm2-chat (METHOD.md 1.5)
-INTERNLM2_SYSTEM = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
-    "是一个有用无害的人工智能助手。"
-)
+INTERNLM2_SYSTEM = INTERNLM2_CHAT_SYSTEM  # InternVL's system prompt for internlm2-chat (METHOD.md 1.5)
 ROLES = {
     "human": "user", "user": "user",
     "gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant",

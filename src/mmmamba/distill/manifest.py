@@ -15,6 +15,8 @@ import json
 import os
 from pathlib import Path
 
+from .. import __version__
+
 MANIFEST_NAME = "mmmamba_manifest.json"
 FORMAT = "mmmamba-manifest/1"
 STAGE_NAMES = ("seed", "stage1", "stage2", "stage3")
@@ -68,8 +70,6 @@ def teacher_identity(path: str | os.PathLike, spec: str | None = None) -> dict:
 def make_manifest(stage: int | str, teacher: dict, layer_types: list[str], *, recipe: dict | None = None,
                   steps: int = 0, tokens: int = 0, final_metrics: dict | None = None, chain: list | None = None,
                   trainable: list[str] | None = None, complete: bool = True, **extra) -> dict:
-    from .. import __version__
-
     return {
         "format": FORMAT,
         "stage": stage_name(stage),

@@ -29,6 +29,10 @@ from pathlib import Path
 
 import yaml
 
+from ..models.placement import parse_placement
+from .manifest import stage_name
+from .stages import MIXER_PARTS
+
 
 class RecipeError(ValueError):
     pass
@@ -238,8 +242,6 @@ def _stage(stage: int, raw: dict, defaults: dict, where: str) -> StageConfig:
     if cfg.decay_type not in ("linear", "cosine", "1-sqrt"):
         raise RecipeError(f"{w}.decay_type: {cfg.decay_type!r} unknown; use linear, cosine or 1-sqrt")
     if cfg.trainable is not None:
-        from .stages import MIXER_PARTS
-
         if not isinstance(cfg.trainable, list) or any(p not in MIXER_PARTS for p in cfg.trainable):
             raise RecipeError(f"{w}.trainable: expected a list of Mamba-2 mixer parts from {list(MIXER_PARTS)}, "
                               f"got {cfg.trainable!r}")
@@ -248,8 +250,6 @@ def _stage(stage: int, raw: dict, defaults: dict, where: str) -> StageConfig:
     if cfg.data is not None and not isinstance(cfg.data, dict):
         raise RecipeError(f"{w}.data: expected a mapping (merged over the recipe's data), got {cfg.data!r}")
     if cfg.input_stage is not None:
-        from .manifest import stage_name
-
         try:
             stage_name(cfg.input_stage)
         except ValueError as e:
@@ -299,8 +299,6 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     if placement is not None and not isinstance(placement, (str, list)):
         raise RecipeError(f"{where}: placement: expected a spec like every:4 or a list of layers, got {placement!r}")
     if isinstance(placement, str) and not placement.lower().startswith("auto"):
-        from .placement import parse_placement
-
         try:
             parse_placement(placement, 10**6)
         except ValueError as e:

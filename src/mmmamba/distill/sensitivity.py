@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.config import ATTENTION, MAMBA2
+from ..models.placement import auto_count, parse_placement
 
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
@@ -200,3 +201,28 @@ def format_sensitivity(scores: dict[int, float], chosen: list[int], base_kl: flo
 
 def print_sensitivity(scores: dict[int, float], chosen: list[int], base_kl: float | None = None, file=None) -> None:
     print(format_sensitivity(scores, chosen, base_kl), file=file, flush=True)
+
+
+def resolve_placement(
+    spec, num_layers: int, *, student=None, teacher=None, batches=None, verbose: bool = True, **kwargs
+) -> tuple[list[int], dict[int, float] | None]:
+    """(attention layers, sensitivities or None) for any spec; "auto:N" measures each layer's KL sensitivity
+    on `batches` with `student` (after stage 2) and `teacher` and, if verbose, prints the table.
+    kwargs go to `layer_sensitivity`."""
+    n = auto_count(spec)
+    if n is None:
+        return parse_placement(spec, num_layers), None
+    if student is None or teacher is None or batches is None:
+        raise ValueError(f"placement {spec!r} needs the stage-2 student, the teacher and held-out batches")
+    if student.config.num_hidden_layers != num_layers:
+        raise ValueError(f"student has {student.config.num_hidden_layers} layers, expected {num_layers}")
+    cands = candidate_layers(student, teacher)
+    if n > len(cands):
+        raise ValueError(f"placement {spec!r}: only {len(cands)} layers can be reverted to attention")
+    if n == 0:
+        return [], {}
+    sens = layer_sensitivity(student, teacher, batches, **kwargs)
+    chosen = sens.best(n)
+    if verbose:
+        print(format_sensitivity(sens.scores, chosen, sens.base_kl), flush=True)
+    return chosen, sens.scores

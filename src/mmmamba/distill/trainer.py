@@ -521,7 +521,7 @@ class StageRunner:
     def _seed(self, teacher, tid, tokenizer) -> Path:
         """Stage 1 without an explicit student: seed one from the teacher (all layers Mamba-2, PAPER §4.5)."""
         from ..io import save_model
-        from ..seed import seed_student
+        from .seed import seed_student
 
         path = self.out / "seed"
         m = read_manifest(path) if path.is_dir() else None
@@ -801,7 +801,8 @@ class StageRunner:
 
     # -- placement (stage 3) -----------------------------------------------------------------------------
     def _place(self, student, teacher, tokenizer):
-        from .placement import auto_count, resolve_placement
+        from ..models.placement import auto_count
+        from .sensitivity import resolve_placement
 
         spec = self.recipe.placement
         n = student.config.num_hidden_layers

@@ -1,5 +1,2 @@
-"""Prefill + recurrent decode."""
-
-from .generate import generate, sample_next
-
-__all__ = ["generate", "sample_next"]
+"""Fast serving: the engine (chunked prefill, static cache, fused projections, CUDA-graph decode). The reference
+generation loop it matches is `mmmamba.models.generate`."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.generate import eos_ids
 from ..models.image_processing import (
     IMAGE_PLACEHOLDER,
     check_image_tokenizer,
@@ -137,9 +138,7 @@ class Conversation:
 
     def stop_ids(self) -> list[int]:
         """The model's stop tokens, plus the tokenizer's end-of-sequence and end-of-turn tokens."""
-        from .generate import _eos_ids
-
-        ids = set(_eos_ids(self.model, None))
+        ids = set(eos_ids(self.model, None))
         tok = self.tokenizer
         if getattr(tok, "eos_token_id", None) is not None:
             ids.add(tok.eos_token_id)

@@ -1,7 +1,7 @@
 """Fast inference for `MMMambaForCausalLM`: chunked prefill, a static cache, a lean decode step (CUDA-graph
 captured on GPU), greedy / sampling on the device, streaming.
 
-Same tokens as `mmmamba.inference.generate` (the reference path): the engine only reorganises the computation.
+Same tokens as `mmmamba.models.generate` (the reference path): the engine only reorganises the computation.
 
 * **Fused weights.** At build time the projections that read the same input are concatenated into one matrix:
   attention q|k|v, Mamba-2 v|k|q|g|dt, MLP gate|up. The modules' own parameters are then replaced by views into
@@ -31,13 +31,13 @@ from torch import nn
 
 from ..layers.rope import rope_inv_freq
 from ..models.config import ATTENTION
+from ..models.generate import decode_loop, resolve_options, sample_next
 from ..ops import causal_conv1d, ssd
 from ..ops.add_norm import add_rmsnorm, rmsnorm_ref
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
 from ..ops.gla_prep import split_heads
 from ..ops.rope import apply_rope, apply_rope_ref
 from ..ops.ssd import resolve_backend, ssd_gla
-from .generate import decode_loop, resolve_options, sample_next
 from .static_cache import StaticCache
 
 
@@ -171,7 +171,7 @@ class Engine:
     """Fast inference for one `MMMambaForCausalLM` (eval mode, any mix of attention and Mamba-2 layers).
 
     engine = Engine(model)                       # kernels / CUDA graph chosen from the device
-    out = engine.generate(ids, max_new_tokens=64)   # same arguments and output as mmmamba.inference.generate
+    out = engine.generate(ids, max_new_tokens=64)   # same arguments and output as mmmamba.models.generate
     for tok in engine.stream(ids): ...          # one (b,) tensor per step
     """
 
@@ -721,7 +721,7 @@ class Engine:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, streamer=None, generator: torch.Generator | None = None,
                  generation_config=None, **kwargs):
-        """Same contract and arguments as `mmmamba.inference.generate` (the same token loop, `decode_loop`, over
+        """Same contract and arguments as `mmmamba.models.generate` (the same token loop, `decode_loop`, over
         the engine's prefill and decode step): (b, prompt + new) ids or a `GenerateDecoderOnlyOutput`."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]

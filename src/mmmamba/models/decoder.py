@@ -17,6 +17,7 @@ from ..layers.norm import RMSNorm
 from ..layers.rope import RotaryEmbedding
 from .cache import HybridCache
 from .config import ATTENTION, MMMambaConfig
+from .generate import generate as reference_generate
 from .outputs import CausalLMOutput, DecoderOutput
 from .vision import VisionFront
 
@@ -220,7 +221,5 @@ class MMMambaForCausalLM(MMMambaPreTrainedModel, GenerationMixin):
         return CausalLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
 
     def generate(self, input_ids=None, **kwargs):
-        """Prefill + recurrent decode through the hybrid cache; see `mmmamba.inference.generate`."""
-        from ..inference.generate import generate
-
-        return generate(self, input_ids, **kwargs)
+        """Prefill + recurrent decode through the hybrid cache; see `mmmamba.models.generate`."""
+        return reference_generate(self, input_ids, **kwargs)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .chat_prompt import internlm2_chat_prompt
 from .vision import vision_settings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -184,7 +185,5 @@ def build_image_prompt(
             [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
         )
     elif chat and getattr(config, "template", None) == "internlm2-chat":
-        from ..teachers.hovle import internlm2_chat_prompt
-
         text = internlm2_chat_prompt(question)
     return expand_image_tokens(text, pixel_values.shape[0], tokens_per_tile(config)), pixel_values

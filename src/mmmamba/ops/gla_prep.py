@@ -1,7 +1,7 @@
 """From the mixer's conv output to fla's simple-GLA inputs: xc (b, l, [v | k | q]) with v, k over kv heads and q over
 h heads, and dt (b, l, h) -> q (b, l, h, d), k and v * dt repeated to the h heads (GQA), each contiguous.
 
-`gla_prep_ref` is the torch path (split, `repeat_interleave`, `ssd_fla.dt_x`: v * dt rounded to x's dtype).
+`gla_prep_ref` is the torch path (split, `repeat_interleave`, `ssd_ref.dt_x`: v * dt rounded to x's dtype).
 On CUDA `gla_prep` runs one Triton kernel forward and, under autograd, one backward kernel that writes dxc (summing
 the repeated heads' gradients) and ddt = sum_d(dv * v) in fp32, instead of the repeats, the broadcast product, the
 copies and their backward passes; checked once against the reference before first use.
@@ -14,7 +14,7 @@ import functools
 import torch
 
 from .checked import cuda_index, passes_check, rel_error
-from .ssd_fla import dt_x
+from .ssd_ref import dt_x
 
 try:
     import triton

@@ -6,9 +6,9 @@
 Shapes: x (b, l, h, p); dt (b, l, h), already softplus'd (Delta); A (h,), negative; B, C (b, l, h, n);
 state (b, h, n, p). Every implementation returns (y (b, l, h, p), final_state (b, h, n, p)).
 
-`ssd_naive` is the sequential reference; `ssd_chunked` is the O(L * chunk) torch algorithm used on CPU;
-`ssd_step` is one decode step; `ssd` dispatches to fla-core's simple-GLA kernel on CUDA
-(q=C, k=B, v=dt*x, g=dt*A, scale=1), which computes exactly this recurrence.
+The torch references (`ssd_naive`, the sequential recurrence; `ssd_chunked`, the O(L * chunk) algorithm used on
+CPU; `ssd_step`, one decode step) live in `ops.ssd_ref`. `ssd` dispatches to fla-core's simple-GLA kernel on CUDA
+(q=C, k=B, v=dt*x, g=dt*A, scale=1, `ops.ssd_fla`), which computes exactly this recurrence.
 """
 
 from __future__ import annotations
@@ -18,78 +18,7 @@ import torch
 from . import ssd_fla as _fla
 from .gla_prep import gla_prep, split_heads
 from .ssd_fla import fla_available, fla_backward_ok  # noqa: F401  (re-exported)
-
-
-def _finish(y, x, D):
-    return y if D is None else y + x * D.view(1, 1, -1, 1).to(y.dtype)
-
-
-def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
-    """Token-by-token recurrence in fp32 (reference)."""
-    b, l, h, p = x.shape
-    n = B.shape[-1]
-    S = x.new_zeros(b, h, n, p, dtype=torch.float32) if initial_state is None else initial_state.float()
-    xf, dtf, Bf, Cf, Af = x.float(), dt.float(), B.float(), C.float(), A.float()
-    ys = []
-    for t in range(l):
-        S = ssd_step_state(S, xf[:, t], dtf[:, t], Af, Bf[:, t])
-        ys.append(torch.einsum("bhn,bhnp->bhp", Cf[:, t], S))
-    y = torch.stack(ys, dim=1) if ys else xf.new_zeros(b, 0, h, p)
-    return _finish(y, xf, D).to(x.dtype), S
-
-
-def ssd_step_state(S, x, dt, A, B):
-    """S' = exp(dt A) S + B^T (dt x). S (b, h, n, p); x (b, h, p); dt (b, h); B (b, h, n)."""
-    decay = torch.exp(dt * A)[..., None, None]
-    return decay * S + B.unsqueeze(-1) * (dt.unsqueeze(-1) * x).unsqueeze(-2)
-
-
-def ssd_step(state, x, dt, A, B, C, D=None):
-    """One decode step. x (b, h, p); dt (b, h); B, C (b, h, n); state (b, h, n, p), fp32.
-
-    Returns y (b, h, p) in x's dtype and the new state (same dtype as `state`)."""
-    S = ssd_step_state(state.float(), x.float(), dt.float(), A.float(), B.float())
-    y = torch.einsum("bhn,bhnp->bhp", C.float(), S)
-    if D is not None:
-        y = y + x.float() * D.view(1, -1, 1).float()
-    return y.to(x.dtype), S.to(state.dtype)
-
-
-def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64):
-    """Chunked SSD in fp32: quadratic (masked) form inside chunks of `chunk_size`, state carried between
-    chunks. O(l * chunk_size) time and memory."""
-    b, l, h, p = x.shape
-    n = B.shape[-1]
-    Q = chunk_size
-    pad = (-l) % Q
-    xf, dtf, Bf, Cf = x.float(), dt.float(), B.float(), C.float()
-    if pad:  # dt = 0 on padding: decay 1 and no input, so the final state is unchanged
-        xf, Bf, Cf = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xf, Bf, Cf))
-        dtf = torch.nn.functional.pad(dtf, (0, 0, 0, pad))
-    c = (l + pad) // Q
-    xdt = (xf * dtf.unsqueeze(-1)).view(b, c, Q, h, p)
-    Bc, Cc = Bf.view(b, c, Q, h, n), Cf.view(b, c, Q, h, n)
-    a = (dtf * A.float()).view(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q) log-decays
-    acs = torch.cumsum(a, dim=-1)
-    # intra-chunk: y_i += sum_{j<=i} exp(acs_i - acs_j) (C_i . B_j) xdt_j
-    seg = acs.unsqueeze(-1) - acs.unsqueeze(-2)  # (b, h, c, Q, Q): [i, j]
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    Lmat = torch.exp(seg.masked_fill(~causal, float("-inf")))
-    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * Lmat
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)
-    # state contributed by each chunk on its own, at the chunk's end
-    decay_to_end = torch.exp(acs[..., -1:] - acs)  # (b, h, c, Q)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchnp", Bc, decay_to_end, xdt)
-    chunk_decay = torch.exp(acs[..., -1])  # (b, h, c)
-    S = x.new_zeros(b, h, n, p, dtype=torch.float32) if initial_state is None else initial_state.float()
-    prev = []
-    for i in range(c):
-        prev.append(S)
-        S = chunk_decay[:, :, i, None, None] * S + chunk_states[:, i]
-    prev_states = torch.stack(prev, dim=1)  # (b, c, h, n, p): state entering each chunk
-    y = y + torch.einsum("bclhn,bchnp,bhcl->bclhp", Cc, prev_states, torch.exp(acs))
-    y = y.reshape(b, c * Q, h, p)[:, :l]
-    return _finish(y, x.float(), D).to(x.dtype), S
+from .ssd_ref import finish, ssd_chunked, ssd_naive
 
 
 class _FlaForwardTorchBackward(torch.autograd.Function):
@@ -126,7 +55,7 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
         y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, S0)
     else:
         y, S = _fla.run_gla(*_fla.gla_inputs(x, dt, A, B, C), S0, mode)
-    return _finish(y, x, D).to(x.dtype), S
+    return finish(y, x, D).to(x.dtype), S
 
 
 def _fla_mode(inputs, K: int, V: int, device, heads: int) -> str:

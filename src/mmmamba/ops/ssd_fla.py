@@ -20,6 +20,7 @@ import os
 import torch
 
 from .checked import cuda_index, passes_check, rel_error
+from .ssd_ref import dt_x, ssd_chunked
 
 TILES = {"bk32": 32, "bk128": 128}  # the dq/dk/dg tile widths fla #640 found correct on Hopper
 MODE_NOTES = {
@@ -118,11 +119,6 @@ class SimpleGLATiles(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dS0, None
 
 
-def dt_x(x, dt):
-    """v = dt * x (x (b, l, h, p), dt (b, l, h)), dt rounded to x's dtype first, the product in x's dtype."""
-    return (x * dt.unsqueeze(-1).to(x.dtype)).to(x.dtype)
-
-
 def gla_inputs(x, dt, A, B, C):
     """The simple-GLA view of the SSD: q = C, k = B, v = dt * x, g = dt * A (fp32)."""
     return C.to(x.dtype), B.to(x.dtype), dt_x(x, dt), dt.float() * A.float()
@@ -149,8 +145,6 @@ def run_gla(q, k, v, g, S0, mode: str):
 def tile_errors(K: int, V: int, device, T: int = 200, heads: int = 2, bk: int = 128) -> dict[str, float]:
     """Relative errors of the gradients with dq/dk/dg on bk-wide tiles (bf16 inputs) against the torch chunked
     reference in fp32."""
-    from .ssd import ssd_chunked
-
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2, T, heads, V, device=device, generator=gen).bfloat16()
     dt = torch.nn.functional.softplus(torch.randn(2, T, heads, device=device, generator=gen) - 2)

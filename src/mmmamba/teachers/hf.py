@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_dir, load_model
 from ..models import MMMambaConfig, MMMambaForCausalLM
+from .mmmamba_hf import load_internvl_chat
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,8 +116,6 @@ def smollm2_path() -> Path:
     if tok.pad_token is None:
         tok.pad_token = "<|im_end|>"
     dense.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
-    from ..io import atomic_dir
-
     with atomic_dir(out) as tmp:
         dense.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -138,13 +138,9 @@ def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     path = resolve_teacher(spec)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type == "mmmamba":
-        from ..io import load_model
-
         return load_model(path, dtype=dtype)
     if model_type in ("internvl_chat", "hovle", "mmMamba", "mmMamba_chat", "mmmamba_hf"):
-        from .hovle import load_hovle
-
-        return load_hovle(path, dtype=dtype)
+        return load_internvl_chat(path, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -19,7 +19,7 @@ and `embedding_model.llm_text_embeddings` (+ `special_text_embeddings` rows) -> 
 forward and are dropped.
 
 The authors' released mmMamba-linear / -hybrid folders share this layout with Mamba-2 layers in place of some
-attention layers; `load_hovle` hands them to `mmmamba_hf.load_mmmamba_hf`.
+attention layers: `mmmamba_hf.py` reads them and tells the two kinds of folder apart.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from safetensors import safe_open
 
 from ..io import check_model_folder
 from ..models import MMMambaConfig, MMMambaForCausalLM
+from ..models.chat_prompt import INTERNLM2_IM_END_ID
 
 logger = logging.getLogger(__name__)
 
@@ -45,20 +46,6 @@ LLM_LAYER = "language_model.model.layers.{}."
 # present in HoVLE checkpoints but unused by its forward pass (CLS token off; LLM fed through inputs_embeds)
 IGNORED = ("embedding_model.vision_embeddings.class_embedding", "language_model.model.tok_embeddings.weight")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
-INTERNLM2_IM_END_ID = 92542  # `<|im_end|>` in InternLM2 / InternVL tokenizers (template stop ids 2, 1163, 92543, 92542)
-INTERNLM2_CHAT_SYSTEM = (
-    "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
-)
-
-
-def internlm2_chat_prompt(question: str, system_message: str = INTERNLM2_CHAT_SYSTEM) -> str:
-    """InternVL's `internlm2-chat` template (MPT style; no newline after `<|im_end|>`), ready for the answer."""
-    return (
-        f"<|im_start|>system\n{system_message}<|im_end|>"
-        f"<|im_start|>user\n{question}<|im_end|><|im_start|>assistant\n"
-    )
-
 
 # -- files --------------------------------------------------------------------------------------------------
 def read_config(path: str | os.PathLike) -> dict:
@@ -379,26 +366,16 @@ def _generation_config(model, path: Path):
     return model
 
 
-def is_released_mmmamba(raw: dict, keys) -> bool:
-    """True for the authors' converted mmMamba folders (fused `wvkqgdt` Mamba-2 layers / `layers_block_type`)."""
-    if raw.get("model_type") == "mmMamba_chat":
-        return True
-    if any("layers_block_type" in raw.get(s, {}) for s in ("embedding_config", "llm_config")):
-        return True
-    return any(".attention.wvkqgdt." in k for k in keys)
-
-
-def load_hovle(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MMMambaForCausalLM:
+def load_hovle(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, _raw: dict | None = None, _sd: dict | None = None
+) -> MMMambaForCausalLM:
     """A HoVLE folder (config.json with embedding_config + llm_config, safetensors) -> MMMambaForCausalLM with
-    every layer attention. Released mmMamba-linear / -hybrid folders are delegated to `load_mmmamba_hf`."""
+    every layer attention. Released mmMamba-linear / -hybrid folders (same layout with Mamba-2 layers) load with
+    `mmmamba_hf.load_internvl_chat`, which tells the two apart. `_raw` / `_sd`: config and tensors already read."""
     path = Path(path)
     check_model_folder(path)
-    raw = read_config(path)
-    sd = read_safetensors(path)
-    if is_released_mmmamba(raw, sd):
-        from .mmmamba_hf import load_mmmamba_hf
-
-        return load_mmmamba_hf(path, dtype=dtype, _raw=raw, _sd=sd)
+    raw = _raw if _raw is not None else read_config(path)
+    sd = _sd if _sd is not None else read_safetensors(path)
     config = hovle_config(raw, sd)
     reader = KeyReader(sd, str(path))
     n_emb = int(raw["embedding_config"].get("num_hidden_layers", 0))

@@ -31,6 +31,7 @@ from .hovle import (
     build_model,
     convert_state_dict,
     hovle_config,
+    load_hovle,
     read_config,
     read_safetensors,
 )
@@ -113,7 +114,7 @@ def load_mmmamba_hf(
     path: str | os.PathLike, dtype: torch.dtype = torch.float32, _raw: dict | None = None, _sd: dict | None = None
 ) -> MMMambaForCausalLM:
     """A released mmMamba-linear / -hybrid folder -> MMMambaForCausalLM with its layer types ("mha" layers stay
-    attention). `_raw` / `_sd`: config and tensors already read by `load_hovle`."""
+    attention). `_raw` / `_sd`: config and tensors already read by `load_internvl_chat`."""
     path = Path(path)
     raw = _raw if _raw is not None else read_config(path)
     sd = _sd if _sd is not None else read_safetensors(path)
@@ -127,3 +128,22 @@ def load_mmmamba_hf(
     mixers = [mamba_mixer if t == MAMBA2 else attention_mixer for t in types]
     new = convert_state_dict(reader, config, n_emb, mixers)
     return _generation_config(build_model(config, new, reader, dtype), path)
+
+
+def is_released_mmmamba(raw: dict, keys) -> bool:
+    """True for the authors' converted mmMamba folders (fused `wvkqgdt` Mamba-2 layers / `layers_block_type`)."""
+    if raw.get("model_type") == "mmMamba_chat":
+        return True
+    if any("layers_block_type" in raw.get(s, {}) for s in ("embedding_config", "llm_config")):
+        return True
+    return any(".attention.wvkqgdt." in k for k in keys)
+
+
+def load_internvl_chat(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MMMambaForCausalLM:
+    """An InternVL-chat folder -> MMMambaForCausalLM: a released mmMamba folder (`is_released_mmmamba`) with its
+    layer types, else a HoVLE folder with every layer attention. The files are read once."""
+    path = Path(path)
+    raw, sd = read_config(path), read_safetensors(path)
+    if is_released_mmmamba(raw, sd):
+        return load_mmmamba_hf(path, dtype=dtype, _raw=raw, _sd=sd)
+    return load_hovle(path, dtype=dtype, _raw=raw, _sd=sd)

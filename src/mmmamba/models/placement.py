@@ -1,4 +1,7 @@
-"""Which layers stay softmax attention in a hybrid (METHOD.md §4)."""
+"""Which layers stay softmax attention in a hybrid (METHOD.md §4): the placement specs that need no data.
+
+"auto:N" is chosen from data after stage 2: `mmmamba.distill.sensitivity.resolve_placement`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ def parse_placement(spec: str | list[int] | None, num_layers: int) -> list[int]:
     "tail-interleaved:K": last layer of each block of K
     "head-stacked:N" / "tail-stacked:N": the first / last N layers
     "0,4,8" or a list: explicit indices; "none" or None: no attention (mmMamba-linear).
-    "auto:N" needs models and held-out data: see `resolve_placement` / `mmmamba.distill.sensitivity`.
+    "auto:N" needs models and held-out data: see `mmmamba.distill.sensitivity.resolve_placement`.
     """
     if auto_count(spec) is not None:
         raise ValueError(
             f"placement {spec!r} is chosen from data after stage 2: call "
-            "mmmamba.distill.placement.resolve_placement(spec, num_layers, student=..., teacher=..., batches=...) "
+            "mmmamba.distill.sensitivity.resolve_placement(spec, num_layers, student=..., teacher=..., batches=...) "
             "or mmmamba.distill.sensitivity.auto_placement(student, teacher, batches, n)"
         )
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "linear")):
@@ -74,30 +77,3 @@ def auto_count(spec) -> int | None:
     if n < 0:
         raise ValueError(f"placement {spec!r}: the number must be >= 0")
     return n
-
-
-def resolve_placement(
-    spec, num_layers: int, *, student=None, teacher=None, batches=None, verbose: bool = True, **kwargs
-) -> tuple[list[int], dict[int, float] | None]:
-    """(attention layers, sensitivities or None) for any spec; "auto:N" measures each layer's KL sensitivity
-    on `batches` with `student` (after stage 2) and `teacher` and, if verbose, prints the table.
-    kwargs go to `mmmamba.distill.sensitivity.layer_sensitivity`."""
-    n = auto_count(spec)
-    if n is None:
-        return parse_placement(spec, num_layers), None
-    if student is None or teacher is None or batches is None:
-        raise ValueError(f"placement {spec!r} needs the stage-2 student, the teacher and held-out batches")
-    if student.config.num_hidden_layers != num_layers:
-        raise ValueError(f"student has {student.config.num_hidden_layers} layers, expected {num_layers}")
-    from .sensitivity import candidate_layers, format_sensitivity, layer_sensitivity
-
-    cands = candidate_layers(student, teacher)
-    if n > len(cands):
-        raise ValueError(f"placement {spec!r}: only {len(cands)} layers can be reverted to attention")
-    if n == 0:
-        return [], {}
-    sens = layer_sensitivity(student, teacher, batches, **kwargs)
-    chosen = sens.best(n)
-    if verbose:
-        print(format_sensitivity(sens.scores, chosen, sens.base_kl), flush=True)
-    return chosen, sens.scores

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import left_pad
 
-from mmmamba.inference.generate import generate, sample_next
-from mmmamba.seed import seed_student
+from mmmamba.distill.seed import seed_student
+from mmmamba.models.generate import generate, sample_next
 
 STUDENTS = {"linear": None, "hybrid": "every:2"}
 

@@ -1,4 +1,5 @@
-"""Generation through the hybrid cache: one prefill, then one token per step (O(1) memory per Mamba-2 layer).
+"""The reference generation loop through the hybrid cache: one prefill, then one token per step (O(1) memory per
+Mamba-2 layer).
 
 The arguments follow transformers' `generate`; the logits pass through transformers' own logits processors
 (repetition penalty, minimum length, temperature / top-k / top-p), so greedy and seeded sampling give the tokens and
@@ -20,7 +21,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..models.cache import HybridCache
+from .cache import HybridCache
 
 # accepted and without effect here: the cache is always used (same tokens as without it)
 _NO_EFFECT = {"use_cache"}
@@ -105,7 +106,8 @@ def _as_list(ids) -> list[int]:
     return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
 
 
-def _eos_ids(model, eos_token_id) -> list[int]:
+def eos_ids(model, eos_token_id) -> list[int]:
+    """Stop token ids: `eos_token_id` (an id or a list) or, if None, the model's generation_config's."""
     if eos_token_id is None:
         gc = getattr(model, "generation_config", None)
         eos_token_id = getattr(gc, "eos_token_id", None) if gc is not None else None
@@ -132,7 +134,7 @@ def resolve_options(model, generation_config, kwargs: dict, prompt_len: int) -> 
     if "max_new_tokens" not in vals and max_length is not None:
         vals["max_new_tokens"] = max(0, max_length - prompt_len)
     if "eos_token_id" not in vals:
-        vals["eos_token_id"] = _eos_ids(model, None)
+        vals["eos_token_id"] = eos_ids(model, None)
     vals["eos_token_id"] = _as_list(vals["eos_token_id"])
     if "pad_token_id" not in vals:
         gc = getattr(model, "generation_config", None)

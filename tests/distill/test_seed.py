@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mmmamba import ATTENTION, MAMBA2
+from mmmamba.distill.seed import seed_student
 from mmmamba.layers.attention import Attention
 from mmmamba.layers.mamba2 import Mamba2Mixer
-from mmmamba.seed import seed_student
 
 
 @pytest.mark.parametrize(

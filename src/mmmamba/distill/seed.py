@@ -6,9 +6,9 @@ import copy
 
 import torch
 
-from .distill.placement import layer_types_for, parse_placement
-from .layers.mamba2 import Mamba2Mixer
-from .models import ATTENTION, MAMBA2, MMMambaConfig, MMMambaForCausalLM
+from ..layers.mamba2 import Mamba2Mixer
+from ..models import ATTENTION, MAMBA2, MMMambaConfig, MMMambaForCausalLM
+from ..models.placement import layer_types_for, parse_placement
 
 
 def seed_student(
