@@ -82,7 +82,7 @@ class OursRunner:
         kv, d, h = cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads
         es = torch.empty((), dtype=self.dtype).element_size()
         n_attn, n_mamba = len(cfg.attention_layers), len(cfg.mamba_layers)
-        conv_dim = 2 * kv * d + h * d
+        conv_dim = cfg.mamba_conv_dim
         kv_bytes = n_attn * 2 * batch * kv * ctx * d * es
         ssm_bytes = n_mamba * batch * (conv_dim * (cfg.mamba_d_conv - 1) * es + h * d * d * 4)
         return kv_bytes + ssm_bytes

@@ -32,10 +32,8 @@ from torch import nn
 from ..layers.rope import rope_inv_freq
 from ..models.config import ATTENTION
 from ..models.generate import decode_loop, resolve_options, sample_next
-from ..ops import causal_conv1d, ssd
 from ..ops.add_norm import add_rmsnorm, rmsnorm_ref
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
-from ..ops.gla_prep import split_heads
 from ..ops.rope import apply_rope, apply_rope_ref
 from ..ops.ssd import resolve_backend, ssd_gla
 from .static_cache import StaticCache
@@ -274,7 +272,6 @@ class Engine:
         cfg, dev, dt = self.config, self.device, self.dtype
         H, h, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         V = self.lm_head.shape[0]
-        conv_dim = 2 * kv * d + h * d
         width_in = max([p.w_in.shape[0] for p in self.plans] + [1])
         inter = max(p.w_down.shape[1] for p in self.plans) if self.plans else cfg.intermediate_size
         bufs = {
@@ -286,7 +283,6 @@ class Engine:
             "y": torch.zeros(b, h * d, dtype=dt, device=dev),
             "q": torch.zeros(b, h, d, dtype=dt, device=dev),
             "act": torch.zeros(b, inter, dtype=dt, device=dev),
-            "conv_dim": conv_dim,
         }
         if self.kernels == "triton":
             from . import triton_kernels as tk
@@ -387,37 +383,29 @@ class Engine:
         return F.linear(o.transpose(1, 2).reshape(b, l, h * d), p.w_o, p.b_o)
 
     def _mamba_prefill(self, p: LayerPlan, r, pm, first: bool):
-        cfg = self.config
+        """The mixer's own `split_proj` / `discretize` / `conv` / `scan` on the fused projection, from the cached
+        states (none for the first chunk); on Triton the conv (+ fla's input layout) is one kernel."""
         mix = p.layer.mixer
         b, l, _ = r.shape
-        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        conv_dim = 2 * kv * d + h * d
+        h, kv, d = mix.num_heads, mix.num_kv_heads, mix.head_dim
         z = F.linear(r, p.w_in, p.b_in)
-        xBC, g, dtr = z.split([conv_dim, h * d, h], dim=-1)
-        cs, ss = self.cache.conv[p.idx], self.cache.ssm[p.idx]
-        dt = F.softplus(dtr.float() + p.dt_bias)
+        xBC, g, dt_raw = mix.split_proj(z)
+        dt, A = mix.discretize(dt_raw)
+        cs = None if first else self.cache.conv[p.idx]
+        ss = None if first else self.cache.ssm[p.idx]
         if self._fast_prefill:
             from . import triton_kernels as tk
 
             if resolve_backend(mix.ssd_backend, z) == "fla" and tk.split_ok(d):
                 # the conv writes fla's (q, k, dt * x) directly: no split copies, no GQA repeat, no dt * x pass
-                (q, k, v), conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, None if first else cs, pm,
-                                                           split=(dt, h, kv, d))
-                y, final = ssd_gla(q, k, v, dt * p.neg_A, initial_state=None if first else ss)
+                (q, k, v), conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, cs, pm, split=(dt, h, kv, d))
+                y, final = ssd_gla(q, k, v, dt * A, initial_state=ss)
                 return self._mamba_out(p, y, g, conv_new, final, b, l)
-            xc, conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, None if first else cs, pm)
+            xc, conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, cs, pm)
         else:
-            m = None if pm is None else pm[..., None].to(z.dtype)
-            if m is not None:
-                xBC = xBC * m
-            xc, conv_new = causal_conv1d(xBC, p.conv_w, p.conv_b, None if first else cs)
-            xc = F.silu(xc)
-            if m is not None:
-                xc = xc * m
-        v, k, q = split_heads(xc, mix.num_heads, mix.num_kv_heads, mix.head_dim)
-        y, final = ssd(v, dt, p.neg_A, k, q, initial_state=None if first else ss, backend=mix.ssd_backend,
-                       chunk_size=mix.chunk_size)
-        del v, k, q, xc
+            xc, conv_new = mix.conv(xBC, pm, cs, carry=True)
+        y, final = mix.scan(xc, dt, A, initial_state=ss)
+        del xc
         return self._mamba_out(p, y, g, conv_new, final, b, l)
 
     def _mamba_out(self, p: LayerPlan, y, g, conv_new, final, b, l):
@@ -457,7 +445,6 @@ class Engine:
         b = c.batch
         h_, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         rep = h_ // kv
-        conv_dim = B["conv_dim"]
         capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         T = c.max_len if (capturing or self.use_graph) else c.host_length + 1
         h = F.embedding(B["ids"], self.embed)
@@ -484,21 +471,12 @@ class Engine:
                 o = F.scaled_dot_product_attention(q.view(b, kv, rep, d), kc[:, :, :T], vc[:, :, :T], attn_mask=mask)
                 h = h + F.linear(o.reshape(b, h_ * d), p.w_o, p.b_o)
             else:
-                xBC, g, dtr = z.split([conv_dim, h_ * d, h_], dim=-1)
-                cs, S = c.conv[p.idx], c.ssm[p.idx]
-                window = torch.cat([cs, xBC[..., None]], dim=-1)
-                xc = (window * p.conv_w.to(xBC.dtype)).sum(-1)
-                if p.conv_b is not None:
-                    xc = xc + p.conv_b.to(xBC.dtype)
-                cs.copy_(window[..., 1:])
-                xc = F.silu(xc)
-                vv, kk, qq = xc.split([kv * d, kv * d, h_ * d], dim=-1)
-                dtv = F.softplus(dtr.float() + p.dt_bias).view(b, kv, rep, 1, 1)
-                decay = torch.exp(dtv * p.neg_A.view(1, kv, rep, 1, 1))
-                S5 = S.view(b, kv, rep, d, d)
-                upd = kk.float().view(b, kv, 1, d, 1) * (dtv * vv.float().view(b, kv, 1, 1, d))
-                S5.mul_(decay).add_(upd)
-                y = torch.einsum("bgrn,bgrnp->bgrp", qq.float().view(b, kv, rep, d), S5).to(self.dtype)
+                mix = p.layer.mixer
+                xBC, g, dt_raw = mix.split_proj(z)
+                dt, A = mix.discretize(dt_raw)
+                y, conv_new, ssm_new = mix.step(xBC, dt, A, c.conv[p.idx], c.ssm[p.idx])
+                c.conv[p.idx].copy_(conv_new)
+                c.ssm[p.idx].copy_(ssm_new)
                 y = gated_rmsnorm_ref(y.reshape(b, h_ * d), g, p.gnorm_w, p.gnorm_eps, d)
                 h = h + F.linear(y, p.w_o, p.b_o)
             u = rmsnorm_ref(h, p.ln2, p.eps2)
@@ -516,7 +494,7 @@ class Engine:
 
         cfg, c, B = self.config, self.cache, self._bufs
         h_, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        conv_dim = B["conv_dim"]
+        conv_dim = cfg.mamba_conv_dim
         hbuf, z, y, act = B["h"], B["z"], B["y"], B["act"]
         torch.index_select(self.embed, 0, B["ids"], out=hbuf)
         kvalid = c.key_valid.view(torch.uint8)

@@ -25,7 +25,7 @@ class StaticCache:
         self.config, self.batch, self.max_len = config, batch, max_len
         self.device, self.dtype = torch.device(device), dtype
         kv, d, h = config.num_key_value_heads, config.head_dim, config.num_attention_heads
-        conv_dim = 2 * kv * d + h * d
+        conv_dim = config.mamba_conv_dim
         kc = config.mamba_d_conv
         n = len(config.layer_types)
         self.k: list[torch.Tensor | None] = [None] * n

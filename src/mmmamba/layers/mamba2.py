@@ -34,7 +34,7 @@ class Mamba2Mixer(nn.Module):
         self.k_proj = nn.Linear(H, kv * d, bias=config.qkv_bias)
         self.v_proj = nn.Linear(H, kv * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(h * d, H, bias=config.o_bias)
-        self.conv_dim = 2 * kv * d + h * d
+        self.conv_dim = config.mamba_conv_dim
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.mamba_d_conv, groups=self.conv_dim, bias=True)
         self.dt_proj = nn.Linear(H, h, bias=False)  # W_gamma
         self.dt_bias = nn.Parameter(torch.zeros(h))
@@ -95,11 +95,10 @@ class Mamba2Mixer(nn.Module):
         """xBC = [v | k | q] (the conv input), g = W_G u, W_gamma u. One matmul over the concatenated weights
         (u read once, no concatenation of activations), or two when only one group trains (stage 1: g and
         W_gamma), so that no weight gradient is computed for frozen rows."""
-        conv_mods, gate_mods = (self.v_proj, self.k_proj, self.q_proj), (self.g_proj, self.dt_proj)
-        sizes = [self.conv_dim, self.num_heads * self.head_dim, self.num_heads]
+        conv_mods, gate_mods = (self.v_proj, self.k_proj, self.q_proj), self.gate_projections
         if _trains(conv_mods) == _trains(gate_mods):
-            return _linear_cat(u, conv_mods + gate_mods).split(sizes, dim=-1)
-        return (_linear_cat(u, conv_mods), *_linear_cat(u, gate_mods).split(sizes[1:], dim=-1))
+            return self.split_proj(_linear_cat(u, conv_mods + gate_mods))
+        return (_linear_cat(u, conv_mods), *_linear_cat(u, gate_mods).split(self.proj_sizes[1:], dim=-1))
 
     def heads(self, u, mask=None, state=None):
         """Per-head output before W_O: (b, l, h, d). mask (b, l): 0 marks (left) padding, whose inputs are
@@ -112,37 +111,83 @@ class Mamba2Mixer(nn.Module):
         return self.g_norm.mse(*self.ssm_heads(u, mask), target, loss_mask)
 
     def ssm_heads(self, u, mask=None, state=None):
-        """What the gated norm takes: the SSD output y and the gate W_G u, each (b, l, h, d)."""
+        """What the gated norm takes: the SSD output y and the gate W_G u, each (b, l, h, d). With a `state` that
+        already holds a sequence and one token, the decode `step`; otherwise `conv` and `scan` over the sequence."""
         b, l, _ = u.shape
-        xBC, g, dt = self.in_proj(u)
+        xBC, g, dt_raw = self.in_proj(u)
+        dt, A = self.discretize(dt_raw)
+        if state is not None and state.ssm is not None and l == 1:
+            m = None if mask is None else mask[:, 0]
+            y, state.conv, state.ssm = self.step(xBC[:, 0], dt[:, 0], A, state.conv, state.ssm, m)
+            y = y[:, None]
+        else:
+            xc, conv_state = self.conv(xBC, mask, None if state is None else state.conv, carry=state is not None)
+            y, final = self.scan(xc, dt, A, None if state is None else state.ssm)
+            if state is not None:
+                state.conv, state.ssm = conv_state, final.float()
+        return y, g.reshape(b, l, self.num_heads, self.head_dim)
+
+    # -- the layer's math; training, the reference decode and the inference engine all compose these ----------
+    @property
+    def gate_projections(self) -> tuple[nn.Linear, nn.Linear]:
+        return self.g_proj, self.dt_proj
+
+    @property
+    def in_projections(self) -> tuple[nn.Linear, ...]:
+        """The projections of u in the order of `split_proj`: W_V, W_K, W_Q (the conv input), W_G, W_gamma."""
+        return (self.v_proj, self.k_proj, self.q_proj, *self.gate_projections)
+
+    @property
+    def proj_sizes(self) -> list[int]:
+        return [self.conv_dim, self.num_heads * self.head_dim, self.num_heads]
+
+    def split_proj(self, z):
+        """z = u [W_V; W_K; W_Q; W_G; W_gamma]^T (..., conv_dim + h d + h) -> xBC = [v | k | q], g = W_G u,
+        W_gamma u (views)."""
+        return z.split(self.proj_sizes, dim=-1)
+
+    def discretize(self, dt_raw):
+        """Delta = softplus(W_gamma u + dt_bias) (..., h) and A = -exp(A_log) (h,), both fp32."""
+        return F.softplus(dt_raw.float() + self.dt_bias.float()), -torch.exp(self.A_log.float())
+
+    def conv(self, xBC, mask=None, conv_state=None, carry: bool = False):
+        """SiLU(causal depthwise conv of xBC) (b, l, conv_dim) and the new conv state (b, conv_dim, k - 1): the last
+        k - 1 inputs, returned when `carry` or a `conv_state` (the inputs before xBC) is given, else None. mask (b, l):
+        0 marks (left) padding, whose inputs are zeroed before and after the conv so padded rows equal unpadded ones.
+        A whole sequence from a zero state runs fused on CUDA (`ops.conv_silu`)."""
         m = None if mask is None else mask[..., None].to(xBC.dtype)
         if m is not None:
             xBC = xBC * m
         w, cb = self.conv1d.weight[:, 0], self.conv1d.bias
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
-        if state is not None and state.ssm is not None and l == 1:
-            xc, state.conv = causal_conv1d_step(xBC[:, 0], w, cb, state.conv)
-            xc = F.silu(xc)[:, None]
-            if m is not None:
-                xc = xc * m
-            v, k, q = split_heads(xc, self.num_heads, self.num_kv_heads, self.head_dim)
-            y, state.ssm = ssd_step(state.ssm, v[:, 0], dt[:, 0], A, k[:, 0], q[:, 0])
-            y = y[:, None]
+        if conv_state is None and not carry:
+            xc, new_state = conv_silu(xBC, w, cb), None
         else:
-            if state is None:  # a whole sequence from a zero state (training, scoring): fused on CUDA
-                xc = conv_silu(xBC, w, cb)
-            else:
-                xc, conv_state = causal_conv1d(xBC, w, cb, state.conv)
-                xc = F.silu(xc)
-            if m is not None:
-                xc = xc * m
-            init = None if state is None else state.ssm
-            y, final = ssd_packed(xc, dt, A, self.num_heads, self.num_kv_heads, self.head_dim, initial_state=init,
-                                  backend=self.ssd_backend, chunk_size=self.chunk_size)
-            if state is not None:
-                state.conv, state.ssm = conv_state, final.float()
-        return y, g.reshape(b, l, self.num_heads, self.head_dim)
+            xc, new_state = causal_conv1d(xBC, w, cb, conv_state)
+            xc = F.silu(xc)
+        if m is not None:
+            xc = xc * m
+        return xc, new_state
+
+    def scan(self, xc, dt, A, initial_state=None):
+        """The SSD over the conv output xc (b, l, conv_dim) with x = v, B = k, C = q: (y (b, l, h, d), final state
+        (b, h, d, d)); fla-core on CUDA (`ops.ssd.ssd_packed`)."""
+        return ssd_packed(xc, dt, A, self.num_heads, self.num_kv_heads, self.head_dim, initial_state=initial_state,
+                          backend=self.ssd_backend, chunk_size=self.chunk_size)
+
+    def step(self, xBC, dt, A, conv_state, ssm_state, mask=None):
+        """One token: xBC (b, conv_dim), dt (b, h) fp32, conv_state (b, conv_dim, k - 1), ssm_state (b, h, d, d)
+        fp32, mask (b,) or None -> (y (b, h, d), new conv state, new SSM state). The recurrence is `ops.ssd_step`:
+        S' = exp(dt A) S + k^T (dt v), y = q S'."""
+        m = None if mask is None else mask[:, None].to(xBC.dtype)
+        if m is not None:
+            xBC = xBC * m
+        xc, conv_state = causal_conv1d_step(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        xc = F.silu(xc)
+        if m is not None:
+            xc = xc * m
+        v, k, q = split_heads(xc[:, None], self.num_heads, self.num_kv_heads, self.head_dim)
+        y, ssm_state = ssd_step(ssm_state, v[:, 0], dt, A, k[:, 0], q[:, 0])
+        return y, conv_state, ssm_state
 
     def forward(self, u, mask=None, state=None):
         y = self.heads(u, mask, state)

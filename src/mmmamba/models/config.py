@@ -111,6 +111,11 @@ class MMMambaConfig(PretrainedConfig):
         return self.layer_rope_theta[layer_idx] if self.layer_rope_theta else self.rope_theta
 
     @property
+    def mamba_conv_dim(self) -> int:
+        """Channels of a Mamba-2 layer's short conv, [v | k | q]: 2 * kv * d + h * d."""
+        return (2 * self.num_key_value_heads + self.num_attention_heads) * self.head_dim
+
+    @property
     def attention_layers(self) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == ATTENTION]
 
