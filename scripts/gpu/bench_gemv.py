@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 
 import torch
 
@@ -31,16 +30,16 @@ SHAPES = {  # name: (rows, K, gemv kwargs builder), the largest share of a decod
 }
 
 
-def run_gemv(kind, x, w, out, aux):
+def run_gemv(kind, x, w, out, aux, o):
     if kind == "pro1":
-        return tk.gemv(x, w, out, pro=1, nw=aux["nw"], eps=1e-5)
+        return tk.gemv(x, w, out, pro=1, nw=aux["nw"], eps=1e-5, opts=o)
     if kind == "pro2":
-        return tk.gemv(x, w, out, pro=2, nw=aux["gw"], eps=1e-5, g=aux["g"], hd=D, res=out, epi=1)
+        return tk.gemv(x, w, out, pro=2, nw=aux["gw"], eps=1e-5, g=aux["g"], hd=D, res=out, epi=1, opts=o)
     if kind == "dual":
-        return tk.gemv(x, w, out, pro=1, nw=aux["nw"], eps=1e-5, dual=True)
+        return tk.gemv(x, w, out, pro=1, nw=aux["nw"], eps=1e-5, dual=True, opts=o)
     if kind == "res":
-        return tk.gemv(x, w, out, res=out, epi=1)
-    return tk.gemv(x, w, out, epi=2, parts=aux["parts"])
+        return tk.gemv(x, w, out, res=out, epi=1, opts=o)
+    return tk.gemv(x, w, out, epi=2, parts=aux["parts"], opts=o)
 
 
 def allowed(kind, cfg, k) -> bool:
@@ -72,8 +71,7 @@ def main():
         for cfg in tk._B1_CONFIGS:
             if not allowed(kind, cfg, k):
                 continue
-            os.environ["MMMAMBA_GEMV_CONFIG"] = ",".join(map(str, cfg))
-            call = functools.partial(run_gemv, kind, x, w, out, aux)
+            call = functools.partial(run_gemv, kind, x, w, out, aux, tk.DecodeOptions(gemv_config=tuple(cfg)))
             try:
                 call()
                 ms = tk._kernel_ms(call)
@@ -81,7 +79,6 @@ def main():
                 rows_out.append({"cfg": cfg, "error": f"{type(e).__name__}"})
                 continue
             rows_out.append({"cfg": cfg, "us": ms * 1e3, "GBs": nbytes / ms / 1e6})
-        os.environ.pop("MMMAMBA_GEMV_CONFIG", None)
         mm = functools.partial(torch.matmul, x, w.T, out=torch.empty(1, rows, device=dev, dtype=dt))
         mm()  # cuBLAS' handle and workspace outside the capture
         cub = tk._kernel_ms(mm)

@@ -87,7 +87,7 @@ def cmd_generate(args) -> int:
     if use_engine:  # static cache, fused weights, CUDA-graph decode; same tokens as the reference loop
         from .inference.engine import Engine
 
-        model = Engine(model)
+        model = Engine(model, share_weights=True)  # the model is ours: no second copy of its projections
     out = model.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pixel_values=pixel_values,
                          max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, streamer=streamer,
@@ -118,7 +118,7 @@ def _chat_runner(args):
     if use_engine:
         from .inference.engine import Engine
 
-        return model, tok, Engine(model)
+        return model, tok, Engine(model, share_weights=True)  # the CLI's own model: one copy of its weights
     return model, tok, model
 
 

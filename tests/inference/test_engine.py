@@ -103,20 +103,46 @@ def test_engine_reuse_across_prompts(make_model):
         assert torch.equal(eng.generate(ids, max_new_tokens=12), generate(model, ids, max_new_tokens=12))
 
 
-def test_fused_weights_share_storage(make_model):
+def test_engine_leaves_the_model_unchanged(make_model, tmp_path):
+    """Engine(model) owns its fused copies: after generating, the model has the same parameter objects, values and
+    storages and its train mode, and it trains and saves (safetensors) with no `unfuse()`."""
+    from mmmamba.io import load_model, save_model
+
+    model = make_model(HYBRID).train()
+    before = {n: (p, p.detach().clone(), p.untyped_storage().data_ptr()) for n, p in model.named_parameters()}
+    ids = _ids(1, 9)
+    Engine(model, kernels="torch").generate(ids, max_new_tokens=5)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys() and model.training
+    for n, (obj, value, ptr) in before.items():
+        assert after[n] is obj and torch.equal(after[n], value) and after[n].untyped_storage().data_ptr() == ptr, n
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    save_model(model, tmp_path / "m")
+    reloaded = load_model(tmp_path / "m")
+    for n, p in reloaded.named_parameters():
+        assert torch.equal(p, after[n].detach()), n
+
+
+def test_shared_weights_stored_once_and_restored_on_exit(make_model):
     model = make_model(HYBRID)
-    n_before = sum(p.numel() for p in model.parameters())
+    params = dict(model.named_parameters())
+    values = {n: p.detach().clone() for n, p in params.items()}
     storages_before = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    eng = Engine(model, kernels="torch")
-    assert sum(p.numel() for p in model.parameters()) == n_before
-    # q|k|v (attention), v|k|q|g|dt (Mamba-2) and gate|up now live in one buffer each: fewer storages
-    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) < len(storages_before)
-    mixer = model.model.layers[1].mixer
-    assert mixer.v_proj.weight.untyped_storage().data_ptr() == mixer.g_proj.weight.untyped_storage().data_ptr()
-    Engine(model, kernels="torch")  # building twice re-uses the fused buffers
-    eng.unfuse()
+    ids = _ids(1, 9)
+    ref = generate(model, ids, max_new_tokens=6)
+    with Engine(model, kernels="torch", share_weights=True) as eng:
+        # q|k|v (attention), v|k|q|g|dt (Mamba-2) and gate|up now live in one buffer each: fewer storages
+        assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) < len(storages_before)
+        mixer = model.model.layers[1].mixer
+        assert mixer.v_proj.weight.untyped_storage().data_ptr() == mixer.g_proj.weight.untyped_storage().data_ptr()
+        Engine(model, kernels="torch", share_weights=True)  # building twice re-uses the fused buffers
+        assert torch.equal(eng.generate(ids, max_new_tokens=6), ref)
+        assert torch.equal(generate(model, ids, max_new_tokens=6), ref)  # the reference path reads the views
     ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
     assert len(set(ptrs)) == len(ptrs) - (1 if model.config.tie_word_embeddings else 0)
+    assert all(model.get_parameter(n) is p and torch.equal(p, values[n]) for n, p in params.items())
 
 
 def test_prefill_logits_match_reference_forward(make_model):

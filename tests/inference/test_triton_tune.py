@@ -19,7 +19,6 @@ def tk(monkeypatch):
     monkeypatch.setattr(tk, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.delenv("MMMAMBA_TRITON_TUNE", raising=False)
     return tk
 
 
@@ -45,20 +44,22 @@ def test_no_tuning_when_disabled_or_off_gpu(tk, monkeypatch):
     monkeypatch.setattr(tk, "_kernel_ms", lambda fn: pytest.fail("nothing should be timed"))
     cands = [(8, 512, 4, 0), (4, 1024, 4, 0)]
     assert tk._tune(("t", 2), cands, lambda c: None, types.SimpleNamespace(is_cuda=False)) == cands[0]
-    monkeypatch.setenv("MMMAMBA_TRITON_TUNE", "0")
-    assert tk._tune(("t", 3), cands, lambda c: None, types.SimpleNamespace(is_cuda=True)) == cands[0]
+    tune = tk.DecodeOptions.from_env({"MMMAMBA_TRITON_TUNE": "0"}).tune
+    assert tk._tune(("t", 3), cands, lambda c: None, types.SimpleNamespace(is_cuda=True), tune) == cands[0]
 
 
-def test_forced_gemv_config(monkeypatch):
+def test_decode_options_from_environment(monkeypatch):
+    """The kernels' knobs come from the environment only through DecodeOptions.from_env (the engine's edge)."""
     from mmmamba.inference import triton_kernels as tk
 
-    monkeypatch.setenv("MMMAMBA_GEMV_CONFIG", "8,256,4,1")
-    assert tk._forced_gemv_config() == (8, 256, 4, 1)
-    monkeypatch.setenv("MMMAMBA_GEMV_CONFIG", "8,256")
+    o = tk.DecodeOptions.from_env({"MMMAMBA_GEMV_CONFIG": "8,256,4,1", "MMMAMBA_PDL": "1",
+                                   "MMMAMBA_GEMV_PREFETCH": "0", "MMMAMBA_TRITON_TUNE": "0"})
+    assert o == tk.DecodeOptions(pdl=True, gemv_prefetch=False, gemv_config=(8, 256, 4, 1), tune=False)
+    assert tk.DecodeOptions.from_env({}) == tk.DecodeOptions()
     with pytest.raises(ValueError, match="four integers"):
-        tk._forced_gemv_config()
-    monkeypatch.delenv("MMMAMBA_GEMV_CONFIG")
-    assert tk._forced_gemv_config() is None
+        tk.DecodeOptions.from_env({"MMMAMBA_GEMV_CONFIG": "8,256"})
+    monkeypatch.setenv("MMMAMBA_PDL", "1")
+    assert tk.DecodeOptions.from_env().pdl
 
 
 def test_programmatic_dependent_launch_is_opt_in(monkeypatch):
@@ -67,13 +68,13 @@ def test_programmatic_dependent_launch_is_opt_in(monkeypatch):
     cuda_like = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0))
     monkeypatch.setattr(tk, "interpreting", lambda: False)
     monkeypatch.setattr(tk, "_pdl_device", lambda index: True)
-    monkeypatch.delenv("MMMAMBA_PDL", raising=False)
+    monkeypatch.setenv("MMMAMBA_PDL", "1")  # read by DecodeOptions.from_env only, never by the kernels
     assert not tk.use_pdl(cuda_like)  # off unless asked for
-    monkeypatch.setenv("MMMAMBA_PDL", "1")
-    assert tk.use_pdl(cuda_like)
-    assert not tk.use_pdl(torch.zeros(1))  # CPU tensors: never
+    on = tk.DecodeOptions(pdl=True)
+    assert tk.use_pdl(cuda_like, on)
+    assert not tk.use_pdl(torch.zeros(1), on)  # CPU tensors: never
     monkeypatch.setattr(tk, "interpreting", lambda: True)
-    assert not tk.use_pdl(cuda_like)  # the interpreter has no grid dependency control
+    assert not tk.use_pdl(cuda_like, on)  # the interpreter has no grid dependency control
 
 
 def test_prefill_split_route_only_for_power_of_two_head_dims():

@@ -63,22 +63,21 @@ def case_kernels():
     y, gg, gw = torch.randn(1, K), torch.randn(1, K), torch.rand(hd) + 0.5
     for forced, prefetch in (("8,32,4,0", "0"), ("8,32,4,1", "0"), ("8,32,4,0", "1"), ("8,32,4,1", "1"),
                              ("8,0,4,1", "0"), ("16,0,4,1", "0")):  # persistent whole rows: 4 programs, 5 / 3 tiles
-        os.environ["MMMAMBA_GEMV_CONFIG"] = forced
-        os.environ["MMMAMBA_GEMV_PREFETCH"] = prefetch  # the register double buffer of the W tiles
+        # the pinned config and the register double buffer of the W tiles, as the environment would set them
+        o = tk.DecodeOptions.from_env({"MMMAMBA_GEMV_CONFIG": forced, "MMMAMBA_GEMV_PREFETCH": prefetch})
         out = torch.empty(1, N)
-        tk.gemv(x, w, out, pro=1, nw=nw, eps=1e-6)
+        tk.gemv(x, w, out, pro=1, nw=nw, eps=1e-6, opts=o)
         close(out, F.linear(_rmsnorm(x, nw, 1e-6), w))
-        tk.gemv(x, w2, out, pro=1, nw=nw, eps=1e-6, dual=True, bias=b2)
+        tk.gemv(x, w2, out, pro=1, nw=nw, eps=1e-6, dual=True, bias=b2, opts=o)
         g, u = F.linear(_rmsnorm(x, nw, 1e-6), w2, b2).chunk(2, -1)
         close(out, F.silu(g) * u)
         res = torch.randn(1, N)
         r0 = res.clone()
-        tk.gemv(y, w, res, pro=2, nw=gw, eps=1e-5, g=gg, hd=hd, res=res, epi=1)
+        tk.gemv(y, w, res, pro=2, nw=gw, eps=1e-5, g=gg, hd=hd, res=res, epi=1, opts=o)
         close(res, r0 + F.linear(gated_rmsnorm_ref(y, gg, gw, 1e-5, hd), w))
         r0 = res.clone()
-        tk.gemv(y, w, res, bias=b2[:N], res=res, epi=1)  # the down projection's residual epilogue
+        tk.gemv(y, w, res, bias=b2[:N], res=res, epi=1, opts=o)  # the down projection's residual epilogue
         close(res, r0 + F.linear(y, w, b2[:N]))
-    del os.environ["MMMAMBA_GEMV_CONFIG"], os.environ["MMMAMBA_GEMV_PREFETCH"]
 
     # conv + SSM step vs the reference recurrence (GQA: 4 heads, 2 groups)
     B, h, kv, d, kc = 2, 4, 2, 16, 3

@@ -62,7 +62,7 @@ class OursRunner:
         self.config = make_config(self.dims, self.variant, self.placement)
         self.model = build_ours(self.config, self.device, self.dtype)
         self.engine = Engine(self.model, kernels=self.kernels, cuda_graph=self.cuda_graph,
-                             prefill_chunk=self.prefill_chunk)
+                             prefill_chunk=self.prefill_chunk, share_weights=True)  # a model of its own
         return {
             "impl": self.impl, "variant": self.variant, "params": param_count(self.model),
             "attention_layers": self.config.attention_layers, "kernels": self.engine.kernels,

@@ -4,9 +4,13 @@ captured on GPU), greedy / sampling on the device, streaming.
 Same tokens as `mmmamba.models.generate` (the reference path): the engine only reorganises the computation.
 
 * **Fused weights.** At build time the projections that read the same input are concatenated into one matrix:
-  attention q|k|v, Mamba-2 v|k|q|g|dt, MLP gate|up. The modules' own parameters are then replaced by views into
-  the fused buffers, so no weight is stored twice and the reference path keeps working (same values). Call
-  `Engine.unfuse()` before training or saving the model with safetensors (shared storage).
+  attention q|k|v, Mamba-2 v|k|q|g|dt, MLP gate|up. By default the engine owns these copies and leaves the
+  caller's model as it was (same parameter objects, own storage: it trains and saves as before), at the cost of a
+  second copy of those weights. `share_weights=True` stores them once: the modules' weights become views into the
+  fused buffers (same Parameter objects and values) until `close()`, or the end of `with Engine(...) as engine:`,
+  gives each its own storage again. Use it where the engine owns the model (the CLI, the benchmark).
+* **Knobs** of the decode kernels are `options` (`triton_kernels.DecodeOptions`); when none are given the
+  constructor reads their environment overrides (MMMAMBA_PDL, MMMAMBA_TRITON_TUNE, ...) once, here.
 * **Prefill** runs token chunks of `prefill_chunk` through all layers, carrying the conv / SSM states and
   appending keys / values to the static cache, so a linear model's peak memory does not grow with the context.
   Mamba-2 layers use the chunked SSD (`mmmamba.ops.ssd`: fla-core on CUDA), attention layers SDPA (lower-right
@@ -36,14 +40,18 @@ from ..ops.add_norm import add_rmsnorm, rmsnorm_ref
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
 from ..ops.rope import apply_rope, apply_rope_ref
 from ..ops.ssd import resolve_backend, ssd_gla
+from . import triton_kernels as tk
+from .cuda_graph import CapturedStep
 from .static_cache import StaticCache
+from .triton_kernels import DecodeOptions
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # weight fusion (shared storage)
-def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Concatenate the weights (and biases) of `linears` along the output dim into one buffer and point each
-    module's parameters at its slice of it. Idempotent: already-fused modules are recognised."""
+def _fuse_linears(linears: list[nn.Linear], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of `linears` concatenated along the output dim into one buffer: a new one, or, with
+    `share`, one whose slices then back each module's weight (`.data` swapped: the same Parameter objects). Weights
+    that already lie end to end in one storage (a sharing engine built them) are viewed, not copied."""
     ws = [lin.weight for lin in linears]
     K = ws[0].shape[1]
     sizes = [w.shape[0] for w in ws]
@@ -61,7 +69,8 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
             W = torch.cat([w.detach() for w in ws], dim=0)
         off = 0
         for lin, n in zip(linears, sizes):
-            lin.weight = nn.Parameter(W[off:off + n], requires_grad=lin.weight.requires_grad)
+            if share:
+                lin.weight.data = W[off:off + n]
             off += n
     bias = None
     if any(lin.bias is not None for lin in linears):
@@ -72,8 +81,9 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 
 
 def _unfuse_linears(linears: list[nn.Linear]) -> None:
+    """Each module's weight in its own storage again (same Parameter objects and values)."""
     for lin in linears:
-        lin.weight = nn.Parameter(lin.weight.detach().clone(), requires_grad=lin.weight.requires_grad)
+        lin.weight.data = lin.weight.data.clone()
 
 
 @dataclass
@@ -108,12 +118,11 @@ class LayerPlan:
 
 # ---------------------------------------------------------------------------------------------------------------
 # reference-semantics helpers (identical rounding to the modules of mmmamba.layers)
-_GQA_LOWER_RIGHT_OK = [True]
-
-
-def _chunk_attention(q, k, v, past: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+def _chunk_attention(q, k, v, past: int, key_valid: torch.Tensor | None, sdpa: dict) -> torch.Tensor:
     """q (b, h, l, d) for positions past..past+l-1; k, v (b, kv, past+l, d). Causal; `key_valid` (b, past+l)
-    marks real keys (None: all real). A padded query still sees itself (no NaN), as in the reference."""
+    marks real keys (None: all real). A padded query still sees itself (no NaN), as in the reference. `sdpa`: the
+    engine's record of what this torch's SDPA accepts (`gqa_lower_right`: flash with unequal head counts and a
+    lower-right causal mask; learnt from the first refusal)."""
     l, t = q.shape[2], k.shape[2]
     if key_valid is None:
         if past == 0:
@@ -122,11 +131,11 @@ def _chunk_attention(q, k, v, past: int, key_valid: torch.Tensor | None) -> torc
             from torch.nn.attention.bias import causal_lower_right
 
             bias = causal_lower_right(l, t)
-            if _GQA_LOWER_RIGHT_OK[0]:
+            if sdpa.get("gqa_lower_right", True):
                 try:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
                 except RuntimeError:  # this torch's flash path refuses unequal head counts: expand K/V
-                    _GQA_LOWER_RIGHT_OK[0] = False
+                    sdpa["gqa_lower_right"] = False
             rep = q.shape[1] // k.shape[1]
             return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                                   attn_mask=bias)
@@ -158,9 +167,7 @@ def resolve_kernels(kernels: str, device: torch.device) -> str:
     if kernels == "auto":
         if device.type != "cuda":
             return "torch"
-        from . import triton_kernels
-
-        return "triton" if triton_kernels.available() else "torch"
+        return "triton" if tk.available() else "torch"
     return kernels
 
 
@@ -171,11 +178,19 @@ class Engine:
     engine = Engine(model)                       # kernels / CUDA graph chosen from the device
     out = engine.generate(ids, max_new_tokens=64)   # same arguments and output as mmmamba.models.generate
     for tok in engine.stream(ids): ...          # one (b,) tensor per step
+
+    with Engine(model, share_weights=True) as engine:   # no second copy of the projections; restored on exit
+        ...
+
+    The caller's model is only read (every pass runs without autograd; its train / eval mode is left as it is).
     """
 
     def __init__(self, model, kernels: str = "auto", cuda_graph: bool | None = None, prefill_chunk: int = 8192,
-                 max_len_multiple: int = 256):
-        self.model = model.eval()
+                 max_len_multiple: int = 256, share_weights: bool = False, options: DecodeOptions | None = None):
+        self.model = model
+        self.share_weights = bool(share_weights)
+        self.options = DecodeOptions.from_env() if options is None else options
+        self._sdpa: dict = {}
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -206,7 +221,7 @@ class Engine:
         for i, layer in enumerate(m.layers):
             mix, mlp = layer.mixer, layer.mlp
             group_mlp = [mlp.gate_proj, mlp.up_proj]
-            w_gu, b_gu = _fuse_linears(group_mlp)
+            w_gu, b_gu = _fuse_linears(group_mlp, self.share_weights)
             common = dict(
                 idx=i, layer=layer, ln1=layer.input_layernorm.weight, ln2=layer.post_attention_layernorm.weight,
                 eps1=layer.input_layernorm.eps, eps2=layer.post_attention_layernorm.eps,
@@ -215,12 +230,12 @@ class Engine:
             )
             if cfg.layer_types[i] == ATTENTION:
                 group = [mix.q_proj, mix.k_proj, mix.v_proj]
-                w_in, b_in = _fuse_linears(group)
+                w_in, b_in = _fuse_linears(group, self.share_weights)
                 inv = _rope_inv_freq_fp32(m.rotary[layer.rope_index], self.device)
                 plan = LayerPlan(attention=True, w_in=w_in, b_in=b_in, inv_freq=inv, **common)
             else:
-                group = [mix.v_proj, mix.k_proj, mix.q_proj, mix.g_proj, mix.dt_proj]
-                w_in, b_in = _fuse_linears(group)
+                group = list(mix.in_projections)
+                w_in, b_in = _fuse_linears(group, self.share_weights)
                 plan = LayerPlan(
                     attention=False, w_in=w_in, b_in=b_in, **common,
                     conv_w=mix.conv1d.weight[:, 0].detach().contiguous(),
@@ -229,16 +244,29 @@ class Engine:
                     neg_A=(-torch.exp(mix.A_log.detach().float())).contiguous(),
                     gnorm_w=mix.g_norm.weight.detach(), gnorm_eps=mix.g_norm.eps,
                 )
-            self._fused_groups += [group, group_mlp]
+            if self.share_weights:
+                self._fused_groups += [group, group_mlp]
             self.plans.append(plan)
 
     def unfuse(self) -> None:
-        """Give every projection its own storage again (before training or safetensors saving)."""
+        """With `share_weights`: give every projection of the model its own storage again (the engine then needs
+        `refresh()` before it runs again). Nothing to do for an engine that owns its copies."""
         for g in self._fused_groups:
             _unfuse_linears(g)
         self._fused_groups = []
         self.plans = []
         self._graph = None
+
+    def close(self) -> None:
+        """Free the cache and the CUDA graph and hand the model's weights back (`unfuse`)."""
+        self.release()
+        self.unfuse()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def refresh(self) -> None:
         """Re-read the model's parameters (after they changed)."""
@@ -285,8 +313,6 @@ class Engine:
             "act": torch.zeros(b, inter, dtype=dt, device=dev),
         }
         if self.kernels == "triton":
-            from . import triton_kernels as tk
-
             ns = tk.attn_num_splits(self.cache.max_len)
             bufs["ns"] = ns
             bufs["po"] = torch.zeros(b, kv, ns, h // kv, d, dtype=torch.float32, device=dev)
@@ -379,7 +405,7 @@ class Engine:
         kc, vc = self.cache.k[p.idx], self.cache.v[p.idx]
         kc[:, :, s:e] = k
         vc[:, :, s:e] = v
-        o = _chunk_attention(q, kc[:, :, :e], vc[:, :, :e], s, kv_valid)
+        o = _chunk_attention(q, kc[:, :, :e], vc[:, :, :e], s, kv_valid, self._sdpa)
         return F.linear(o.transpose(1, 2).reshape(b, l, h * d), p.w_o, p.b_o)
 
     def _mamba_prefill(self, p: LayerPlan, r, pm, first: bool):
@@ -394,8 +420,6 @@ class Engine:
         cs = None if first else self.cache.conv[p.idx]
         ss = None if first else self.cache.ssm[p.idx]
         if self._fast_prefill:
-            from . import triton_kernels as tk
-
             if resolve_backend(mix.ssd_backend, z) == "fla" and tk.split_ok(d):
                 # the conv writes fla's (q, k, dt * x) directly: no split copies, no GQA repeat, no dt * x pass
                 (q, k, v), conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, cs, pm, split=(dt, h, kv, d))
@@ -424,8 +448,6 @@ class Engine:
 
     def _act_mul(self, layer, gu):
         if self._fast_prefill and self.config.hidden_act in ("silu", "swish"):
-            from . import triton_kernels as tk
-
             return tk.silu_mul(gu)
         gate, up = gu.chunk(2, dim=-1)
         return layer.mlp.act(gate) * up
@@ -490,9 +512,7 @@ class Engine:
         c.pos.add_(1)
 
     def _step_triton(self) -> None:
-        from . import triton_kernels as tk
-
-        cfg, c, B = self.config, self.cache, self._bufs
+        cfg, c, B, o = self.config, self.cache, self._bufs, self.options
         h_, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         conv_dim = cfg.mamba_conv_dim
         hbuf, z, y, act = B["h"], B["z"], B["y"], B["act"]
@@ -501,22 +521,24 @@ class Engine:
         for p in self.plans:
             n_in = p.w_in.shape[0]
             zz = z[:, :n_in]
-            tk.gemv(hbuf, p.w_in, zz, bias=p.b_in, pro=1, nw=p.ln1, eps=p.eps1)
+            tk.gemv(hbuf, p.w_in, zz, bias=p.b_in, pro=1, nw=p.ln1, eps=p.eps1, opts=o)
             if p.attention:
-                tk.rope_append(zz, c.pos, c.length, p.inv_freq, B["q"], c.k[p.idx], c.v[p.idx], kvalid, h_, kv, d)
+                tk.rope_append(zz, c.pos, c.length, p.inv_freq, B["q"], c.k[p.idx], c.v[p.idx], kvalid, h_, kv, d,
+                               opts=o)
                 tk.attn_decode(B["q"], c.k[p.idx], c.v[p.idx], c.length, c.key_start, y,
-                               B["po"], B["pm"], B["pl"], 1.0 / math.sqrt(d))
-                tk.gemv(y, p.w_o, hbuf, bias=p.b_o, res=hbuf, epi=1)
+                               B["po"], B["pm"], B["pl"], 1.0 / math.sqrt(d), opts=o)
+                tk.gemv(y, p.w_o, hbuf, bias=p.b_o, res=hbuf, epi=1, opts=o)
             else:
-                tk.ssm_step(zz, c.conv[p.idx], p.conv_w, p.conv_b, p.dt_bias, p.neg_A, c.ssm[p.idx], y, h_, kv, d)
+                tk.ssm_step(zz, c.conv[p.idx], p.conv_w, p.conv_b, p.dt_bias, p.neg_A, c.ssm[p.idx], y, h_, kv, d,
+                            opts=o)
                 tk.gemv(y, p.w_o, hbuf, bias=p.b_o, pro=2, nw=p.gnorm_w, eps=p.gnorm_eps, g=zz[:, conv_dim:],
-                        hd=d, res=hbuf, epi=1, conv=(zz, c.conv[p.idx]))
+                        hd=d, res=hbuf, epi=1, conv=(zz, c.conv[p.idx]), opts=o)
             inter = p.w_down.shape[1]
-            tk.gemv(hbuf, p.w_gu, act[:, :inter], bias=p.b_gu, pro=1, nw=p.ln2, eps=p.eps2, dual=True)
-            tk.gemv(act[:, :inter], p.w_down, hbuf, bias=p.b_down, res=hbuf, epi=1)
+            tk.gemv(hbuf, p.w_gu, act[:, :inter], bias=p.b_gu, pro=1, nw=p.ln2, eps=p.eps2, dual=True, opts=o)
+            tk.gemv(act[:, :inter], p.w_down, hbuf, bias=p.b_down, res=hbuf, epi=1, opts=o)
         n_parts = tk.gemv(hbuf, self.lm_head, B["logits"], pro=1, nw=self.final_norm, eps=self.final_eps, epi=2,
-                          parts=(B["pv"], B["pi"]))
-        tk.finish(B["pv"], B["pi"], n_parts, B["next"], B["ids"], c.length, c.pos)
+                          parts=(B["pv"], B["pi"]), opts=o)
+        tk.finish(B["pv"], B["pi"], n_parts, B["next"], B["ids"], c.length, c.pos, opts=o)
 
     # -- running steps --------------------------------------------------------------------------------------
     def _fall_back(self, reason: str) -> None:
@@ -549,8 +571,6 @@ class Engine:
     @torch.no_grad()
     def capture(self) -> None:
         """(Re)capture the decode step in a CUDA graph for the current cache."""
-        from .cuda_graph import CapturedStep
-
         if not self._warm:
             self._warmup()
         ids = self._bufs["ids"]
@@ -640,7 +660,7 @@ class Engine:
             return {"triton_vs_torch": err, "triton_vs_fp32": err, "torch_vs_fp32": 0.0}
         c = self.cache
         twin = Engine(copy.deepcopy(self.model).float(), kernels="torch", cuda_graph=False,
-                      max_len_multiple=c.max_len)
+                      max_len_multiple=c.max_len, share_weights=True, options=self.options)
         tc = twin.reserve(c.batch, c.max_len)
         for name in ("k", "v", "conv", "ssm"):
             for dst, src in zip(getattr(tc, name), getattr(c, name)):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +50,47 @@ except Exception:  # pragma: no cover - older Triton: PDL stays off
 
 def available() -> bool:
     return triton is not None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Knobs of the decode kernels, passed down from the engine. `from_env` reads their environment overrides; only
+    the engine's constructor (the edge) calls it, the kernels never read the environment.
+
+    pdl: programmatic dependent launch between the step's kernels (sm_90+; MMMAMBA_PDL=1).
+    gemv_prefetch: the register double buffer of gemv's W tiles; None: on with pdl (MMMAMBA_GEMV_PREFETCH=0|1).
+    gemv_config: (BLOCK_N, BLOCK_K, num_warps, ACC2D) pinned for every gemv; BLOCK_K = 0: the persistent whole-row
+      kernel, ACC2D then giving its programs per SM (MMMAMBA_GEMV_CONFIG="8,256,4,1").
+    tune: time each block configuration once per shape (MMMAMBA_TRITON_TUNE=0 turns it off: first candidate)."""
+
+    pdl: bool = False
+    gemv_prefetch: bool | None = None
+    gemv_config: tuple[int, int, int, int] | None = None
+    tune: bool = True
+
+    @classmethod
+    def from_env(cls, env=None) -> DecodeOptions:
+        env = os.environ if env is None else env
+        prefetch = {"1": True, "0": False}.get(env.get("MMMAMBA_GEMV_PREFETCH", ""))
+        return cls(pdl=env.get("MMMAMBA_PDL") == "1", gemv_prefetch=prefetch,
+                   gemv_config=parse_gemv_config(env.get("MMMAMBA_GEMV_CONFIG")),
+                   tune=env.get("MMMAMBA_TRITON_TUNE") != "0")
+
+
+DEFAULT_OPTIONS = DecodeOptions()
+
+
+def parse_gemv_config(v: str | None) -> tuple[int, int, int, int] | None:
+    """"BLOCK_N,BLOCK_K,num_warps,ACC2D" (MMMAMBA_GEMV_CONFIG) -> a tuple, None for unset."""
+    if not v:
+        return None
+    try:
+        cfg = tuple(int(t) for t in v.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) != 4:
+        raise ValueError(f"MMMAMBA_GEMV_CONFIG={v!r}: expected four integers BLOCK_N,BLOCK_K,num_warps,ACC2D")
+    return cfg
 
 
 def interpreting() -> bool:
@@ -574,12 +616,12 @@ def _pdl_device(index: int) -> bool:
     return gdc_wait is not None and torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def use_pdl(t: torch.Tensor) -> bool:
-    """Programmatic dependent launch for the decode-step kernels (opt in: MMMAMBA_PDL=1; sm_90+, not under the
+def use_pdl(t: torch.Tensor, opts: DecodeOptions = DEFAULT_OPTIONS) -> bool:
+    """Programmatic dependent launch for the decode-step kernels (opt in: `opts.pdl`; sm_90+, not under the
     interpreter). Each kernel then lets the next one launch once all its programs have started and waits (gdc_wait)
     for its predecessor before touching memory, so launch and ramp-up overlap the previous kernel's tail; kernels
     launched without it (torch's) keep full stream order."""
-    if os.environ.get("MMMAMBA_PDL") != "1" or interpreting() or not t.is_cuda:
+    if not opts.pdl or interpreting() or not t.is_cuda:
         return False
     return _pdl_device(cuda_index(t.device))
 
@@ -589,7 +631,7 @@ def _dot_prec(dtype: torch.dtype) -> str:
 
 
 def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=None, epi=0, dual=False,
-         parts=None, conv=None) -> int:
+         parts=None, conv=None, opts: DecodeOptions = DEFAULT_OPTIONS) -> int:
     """out (B, N) = epilogue(prologue(x) @ w[:N]^T) (see the module docstring). `dual`: w holds gate rows then up
     rows (2N, K). `conv=(z, conv_state)`: also shift conv_state by z[:, :C]. Returns the number of argmax partials
     written (epi=2)."""
@@ -608,8 +650,8 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
     if epi == 2:
         cands = [c for c in cands if c[0] >= EPI2_MIN_BLOCK_N]
     key = (pro, epi, dual, bias is not None, conv is not None, N, K, block_b, x.dtype, w.dtype, out.dtype)
-    pdl = use_pdl(x)
-    prefetch = {"1": True, "0": False}.get(os.environ.get("MMMAMBA_GEMV_PREFETCH", ""), pdl)
+    pdl = use_pdl(x, opts)
+    prefetch = pdl if opts.gemv_prefetch is None else opts.gemv_prefetch
 
     def launch(cfg, out, res, parts, conv):
         bn, bk, nwarps, acc2d = cfg
@@ -640,7 +682,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
         )
         return grid
 
-    cfg = _forced_gemv_config()
+    cfg = opts.gemv_config
     if cfg is None or (cfg[1] == 0 and not rows_ok):  # a pinned whole-row config applies where that kernel can
         cfg = _TUNED.get(key)
     if cfg is None:
@@ -649,7 +691,7 @@ def gemv(x, w, out, *, bias=None, pro=0, nw=None, eps=0.0, g=None, hd=0, res=Non
         res_s = None if res is None else (out_s if res.data_ptr() == out.data_ptr() else res)
         parts_s = None if parts is None else (parts[0].clone(), parts[1].clone())
         conv_s = None if conv is None else (conv[0], conv[1].clone())
-        cfg = _tune(key, cands, lambda c: launch(c, out_s, res_s, parts_s, conv_s), x)
+        cfg = _tune(key, cands, lambda c: launch(c, out_s, res_s, parts_s, conv_s), x, opts.tune)
         del out_s, res_s, parts_s, conv_s
     return launch(cfg, out, res, parts, conv)
 
@@ -673,29 +715,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _forced_gemv_config() -> tuple | None:
-    """MMMAMBA_GEMV_CONFIG="BLOCK_N,BLOCK_K,num_warps,ACC2D" pins the gemv configuration (tests, experiments);
-    BLOCK_K = 0: the persistent whole-row kernel, ACC2D then giving its programs per SM."""
-    v = os.environ.get("MMMAMBA_GEMV_CONFIG")
-    if not v:
-        return None
-    try:
-        cfg = tuple(int(t) for t in v.split(","))
-    except ValueError:
-        cfg = ()
-    if len(cfg) != 4:
-        raise ValueError(f"MMMAMBA_GEMV_CONFIG={v!r}: expected four integers BLOCK_N,BLOCK_K,num_warps,ACC2D")
-    return cfg
-
-
-def _tune(key, cands, launch, x):
-    """Time each candidate (compile errors skip it) and keep the fastest. Only on CUDA and outside graph capture
-    (`launch` writes scratch buffers)."""
+def _tune(key, cands, launch, x, tune: bool = True):
+    """Time each candidate (compile errors skip it) and keep the fastest. Only on CUDA, outside graph capture
+    (`launch` writes scratch buffers) and with `tune`; otherwise the first candidate."""
     if interpreting():  # few, large programs: the interpreter runs programs one after another
         if len(cands[0]) == 4:  # gemv
             return (max(c[0] for c in cands), max(c[1] for c in cands if c[1] <= 256), 4, 0)
         return cands[0]
-    if not x.is_cuda or torch.cuda.is_current_stream_capturing() or os.environ.get("MMMAMBA_TRITON_TUNE") == "0":
+    if not tune or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return cands[0]
     best, best_t = None, float("inf")
     try:
@@ -757,12 +784,13 @@ def _replay_ms(graph, n: int = 5) -> float:
     return sorted(times)[n // 2]
 
 
-def ssm_step(z, conv_state, conv_w, conv_b, dt_bias, neg_A, ssm, y, h, kv, d, block_p: int | None = None):
+def ssm_step(z, conv_state, conv_w, conv_b, dt_bias, neg_A, ssm, y, h, kv, d, block_p: int | None = None,
+             opts: DecodeOptions = DEFAULT_OPTIONS):
     """z (B, C + h*d + h) = [v | k | q | g | dt]; conv_state (B, C, k-1) read only (the o-projection gemv shifts
     it); ssm (B, h, d, d) fp32 updated in place; y (B, h*d) <- C . S (before the gated norm)."""
     B = z.shape[0]
     bp = block_p or (d if interpreting() else min(d, 16))
-    pdl = use_pdl(z)
+    pdl = use_pdl(z, opts)
     _ssm_step_kernel[(B * h, d // bp)](
         z, z.stride(0), conv_state, conv_w, conv_b if conv_b is not None else conv_w, dt_bias, neg_A, ssm,
         y, y.stride(0), h, h // kv, kv * d, h * d,
@@ -771,9 +799,10 @@ def ssm_step(z, conv_state, conv_w, conv_b, dt_bias, neg_A, ssm, y, h, kv, d, bl
     )
 
 
-def rope_append(qkv, pos, length, inv_freq, q_out, k_cache, v_cache, kvalid_u8, h, kv, d):
+def rope_append(qkv, pos, length, inv_freq, q_out, k_cache, v_cache, kvalid_u8, h, kv, d,
+                opts: DecodeOptions = DEFAULT_OPTIONS):
     B = qkv.shape[0]
-    pdl = use_pdl(qkv)
+    pdl = use_pdl(qkv, opts)
     _rope_append_kernel[(B, h + 2 * kv)](
         qkv, qkv.stride(0), pos, length, inv_freq, q_out, k_cache, v_cache, kvalid_u8,
         h, kv, k_cache.shape[2], D=d, GDC=pdl, launch_pdl=pdl, num_warps=1,
@@ -783,7 +812,8 @@ def rope_append(qkv, pos, length, inv_freq, q_out, k_cache, v_cache, kvalid_u8, 
 _ATTN_CONFIGS = [(32, 4), (64, 8), (32, 8), (16, 4)]  # (keys per block, num_warps); 64 x 4 warps spills
 
 
-def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, block_t: int | None = None):
+def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, block_t: int | None = None,
+                opts: DecodeOptions = DEFAULT_OPTIONS):
     """q (B, h, d) roped; caches (B, kv, max_len, d) with the new token already at slot `length`. Split-K flash
     decoding: every split of the keys writes partial (max, sum, output) rows to po/pm/pl, then one program per
     query head combines them. The key range comes from the device (`length`, `key_start`), so the grid is fixed."""
@@ -791,7 +821,7 @@ def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, 
     h = q.shape[1]
     ns = po.shape[2]
     rep = h // kv
-    pdl = use_pdl(q)
+    pdl = use_pdl(q, opts)
 
     def launch(cfg):
         bt, nw = cfg
@@ -807,15 +837,15 @@ def attn_decode(q, k_cache, v_cache, length, key_start, out, po, pm, pl, scale, 
         key = ("attn", B, kv, rep, d, ns, q.dtype)
         cfg = _TUNED.get(key)
         if cfg is None:  # the split kernel only writes the partial buffers: tuning in place has no side effect
-            cfg = _tune(key, _ATTN_CONFIGS, launch, q)
+            cfg = _tune(key, _ATTN_CONFIGS, launch, q, opts.tune)
     launch(cfg)
     _attn_reduce_kernel[(B * h,)](po, pm, pl, out, out.stride(0), kv, ns, rep, D=d, BS=max(2, _pow2(ns)),
                                   SB=min(16, max(2, _pow2(ns))), GDC=pdl, launch_pdl=pdl, num_warps=4)
 
 
-def finish(pv, pi, n_parts, tok, ids, length, pos):
+def finish(pv, pi, n_parts, tok, ids, length, pos, opts: DecodeOptions = DEFAULT_OPTIONS):
     B = tok.shape[0]
-    pdl = use_pdl(tok)
+    pdl = use_pdl(tok, opts)
     _finish_kernel[(B,)](pv, pi, pv.stride(0), n_parts, tok, ids, length, pos, BP=4096, GDC=pdl, launch_pdl=pdl,
                          num_warps=8)
 
