@@ -63,11 +63,11 @@ def test_floor_grows_with_context_only_for_kv(tiny_run):
 
 def test_markdown_and_plots(tiny_run):
     md = (tiny_run / "report.md").read_text()
-    for section in ("## Goals", "## Next-token latency", "## Peak GPU memory", "## Prefill time", "## Table 2",
-                    "## Decode throughput vs batch size", "## Method"):
+    for section in ("## Next-token latency", "## Prefill time", "## Table 2", "## Decode throughput vs batch size",
+                    "## Method"):
         assert section in md
     pngs = sorted(p.name for p in tiny_run.glob("*.png"))
-    assert pngs == ["batch_throughput.png", "figure1_latency_memory.png", "floor_ratio.png"]
+    assert pngs == ["batch_throughput.png", "figure1_latency_memory.png"]  # no floor-ratio plot on a CPU
     import matplotlib.image as mpimg
 
     for name in pngs:
@@ -76,6 +76,37 @@ def test_markdown_and_plots(tiny_run):
         img = mpimg.imread(str(tiny_run / name))
         assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
         assert f"]({name})" in md
+
+
+def test_item13_cpu_run_is_labelled_as_cpu(tiny_run):
+    """Issue 13 item 13: a CPU run says it is one and speaks of no HBM floor, GPU memory, CUDA graph or GPU goal
+    (in report.md, summary.txt and the log); the tiny models' parameters are counted, not shown as "0.000 B"."""
+    md = (tiny_run / "report.md").read_text()
+    summary = (tiny_run / "summary.txt").read_text()
+    assert md.splitlines()[0].endswith("(CPU run)")
+    for text in (md, summary):
+        for word in ("HBM", "GPU", "CUDA graph", "x floor", "goal:", "Goals (issue 4)", "**no**", "0.000 B"):
+            assert word not in text, (word, text[:2000])
+    assert "## Goals" not in md and "Peak GPU memory" not in md and "floor_ratio.png" not in md
+    res = json.loads((tiny_run / "results.json").read_text())
+    params = res["models"]["linear"]["params"]
+    assert 1e3 < params < 1e6 and f"{params / 1e3:.1f} K" in md
+
+
+def test_item13_gpu_report_keeps_floors_memory_and_goals(tmp_path):
+    """The same report from a CUDA run's results still carries the floors, GPU memory, CUDA graphs and goals."""
+    from mmmamba.bench.report import summary_table, write_markdown
+
+    dec = {"model": "linear", "context": 1024, "batch": 1, "status": "ok", "ms_median": 2.0, "floor_ms": 1.6,
+           "ratio": 1.25, "peak_gb": 5.5}
+    res = {"meta": {"device": "cuda:0", "device_name": "H100", "tiny": False, "dtype": "bfloat16"},
+           "models": {"linear": {"status": "ok", "params": 2_530_000_000, "attention_layers": [],
+                                 "kernels": "triton", "cuda_graph": True}},
+           "decode": [dec], "prefill": [], "table2": [], "batch": [], "kernel_compare": []}
+    md = write_markdown(res, tmp_path / "report.md", [])
+    assert "## Goals" in md and "Peak GPU memory" in md and "HBM floor" in md and "2.530 B" in md
+    assert "CUDA graph" in md and "(CPU run)" not in md
+    assert "x floor" in summary_table(res) and "goal:" in summary_table(res)
 
 
 def test_goal_check_logic():

@@ -12,14 +12,17 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..inference import triton_kernels as tk
 from .measure import GB, cleanup, copy_bandwidth, point
 from .models import HOVLE_DIMS, TINY_DIMS, mamba_ssm_available
-from .report import summary_table, write_markdown, write_plots
+from .report import format_params, summary_table, write_markdown, write_plots
+from .runners import HFRunner, MambaSSMRunner, OursRunner
 
 GPU_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 105472, 131072, 262144]
 TINY_CONTEXTS = [32, 64, 128]
@@ -86,8 +89,6 @@ def _versions() -> dict:
 
 
 def _make_runner(name: str, o: BenchOptions, dims: dict, dtype):
-    from .runners import HFRunner, MambaSSMRunner, OursRunner
-
     if name in ("linear", "hybrid", "teacher"):
         return OursRunner(name, name, dims, o.device, dtype, kernels=o.kernels, cuda_graph=o.cuda_graph,
                           prefill_chunk=o.prefill_chunk, placement=o.placement)
@@ -130,8 +131,49 @@ def run_bench(opts: BenchOptions, log=print) -> dict:
         torch.set_num_threads(threads)
 
 
+@dataclass
+class _Run:
+    """What every stage of one benchmark run shares: the resolved options, the device, the results (saved after
+    each point) and the time budget."""
+
+    o: BenchOptions
+    dev: torch.device
+    dtype: torch.dtype
+    dims: dict
+    out: Path
+    bw: float
+    res: dict
+    log: Callable
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def gpu(self) -> bool:
+        return self.dev.type == "cuda"
+
+    def over_budget(self) -> bool:
+        return time.time() > self.t_start + self.o.budget_s
+
+    def save(self) -> None:
+        self.res["meta"]["elapsed_s"] = round(time.time() - self.t_start, 1)
+        (self.out / "results.json").write_text(json.dumps(self.res, indent=2, default=str))
+
+    def floor(self, rec: dict, runner, ctx: int, batch: int) -> None:
+        _floor(rec, runner, ctx, batch, self.bw)
+
+
 def _run_bench(opts: BenchOptions, log=print) -> dict:
-    o = opts.resolved()
+    run = _start(opts.resolved(), log)
+    for name in _model_names(run):
+        if run.over_budget():
+            run.res["models"][name] = {"status": "skipped (time budget)"}
+        else:
+            _bench_model(run, name)
+    _finish(run)
+    return run.res
+
+
+def _start(o: BenchOptions, log) -> _Run:
+    """Device and dtype checks, the run's metadata and the copy bandwidth the floors are measured against."""
     dev = torch.device(o.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but CUDA is not available; use --device cpu --tiny")
@@ -141,8 +183,6 @@ def _run_bench(opts: BenchOptions, log=print) -> dict:
     dims = TINY_DIMS if o.tiny else HOVLE_DIMS
     out = Path(o.out)
     out.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    deadline = t_start + o.budget_s
     meta = {
         "command": o.command, "date": datetime.datetime.now().isoformat(timespec="seconds"), "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
@@ -153,153 +193,199 @@ def _run_bench(opts: BenchOptions, log=print) -> dict:
         meta["mamba_ssm_note"] = "mamba_ssm not importable"
     bw = copy_bandwidth(dev)
     meta["copy_bandwidth_GBps"] = bw / GB
-    log(f"[bench] {meta['device_name']}  copy bandwidth {bw / GB:.0f} GB/s  dtype {meta['dtype']}")
-    res = {"meta": meta, "models": {}, "decode": [], "prefill": [], "table2": [], "batch": [],
-           "kernel_compare": []}
+    if dev.type == "cuda":
+        log(f"[bench] {meta['device_name']}  copy bandwidth {bw / GB:.0f} GB/s  dtype {meta['dtype']}")
+    else:
+        log(f"[bench] CPU run ({meta['device_name']}), dtype {meta['dtype']}: decode and prefill times only")
+    res = {"meta": meta, "models": {}, "decode": [], "prefill": [], "table2": [], "batch": [], "kernel_compare": []}
+    return _Run(o, dev, dtype, dims, out, bw, res, log)
 
-    def over_budget() -> bool:
-        return time.time() > deadline
 
-    def save():
-        meta["elapsed_s"] = round(time.time() - t_start, 1)
-        (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
+def _model_names(run: _Run) -> list[str]:
+    have_mamba_ssm = run.res["meta"]["mamba_ssm"] is not None
+    if "mamba_ssm" in run.o.models and not have_mamba_ssm:
+        run.log("[bench] mamba_ssm not importable: skipped")
+    return [m for m in run.o.models if m != "mamba_ssm" or have_mamba_ssm]
 
-    names = [m for m in o.models if m != "mamba_ssm" or meta["mamba_ssm"] is not None]
-    if "mamba_ssm" in o.models and meta["mamba_ssm"] is None:
-        log("[bench] mamba_ssm not importable: skipped")
-    for name in names:
-        if over_budget():
-            res["models"][name] = {"status": "skipped (time budget)"}
-            continue
-        runner = _make_runner(name, o, dims, dtype)
-        info = {"status": "ok"}
-        with point(info, dev, log):
-            t0 = time.time()
-            info.update(runner.build())
-            info["build_s"] = round(time.time() - t0, 1)
-        res["models"][name] = info
-        if info["status"] != "ok":
-            log(f"[bench] {name}: build failed: {info['status']}")
-            runner.free() if hasattr(runner, "free") else None
-            continue
-        is_attn = len(info.get("attention_layers", [])) == dims["num_hidden_layers"]
-        pctx = [c for c in (o.prefill_contexts or o.contexts) if not (is_attn and c > o.attn_prefill_max)]
-        warm_lengths = [min(pctx or [64]), o.prefill_chunk + 64] + [
-            (c % o.prefill_chunk) or o.prefill_chunk for c in pctx]
-        warm = {"status": "ok"}
-        with point(warm, dev, log):
-            runner.warm([n for n in warm_lengths if n <= max(pctx or [64]) + 64])
-        if warm["status"] != "ok":
-            info["warm"] = warm["status"]
-        if hasattr(runner, "self_check") and info.get("kernels") == "triton":
-            rec = {"status": "ok"}
-            with point(rec, dev, log):
-                errs = runner.self_check()
-                info["self_check_rel_err"] = errs["triton_vs_torch"]
-                info["self_check_vs_fp32"] = {k: errs[k] for k in ("triton_vs_fp32", "torch_vs_fp32")}
-                bad = self_check_failure(errs, o.self_check_tol)
-                if bad:
-                    info["fallback"] = f"{bad}: torch kernels used"
-                    runner.set_kernels("torch")
-                    info["kernels"] = "torch"
-            if rec["status"] != "ok":
-                info["fallback"] = f"self-check failed ({rec['status']}): torch kernels used"
-                runner.set_kernels("torch")
-                info["kernels"] = "torch"
-        if getattr(runner, "engine", None) is not None and runner.engine.fallback_reason:
-            info["fallback"] = runner.engine.fallback_reason
-            info["kernels"] = runner.engine.kernels
-        log(f"[bench] {name}: {info.get('params', 0) / 1e9:.3f} B params, kernels {info.get('kernels')}, "
+
+def _bench_model(run: _Run, name: str) -> None:
+    """Build one model, warm and check its kernels, then every measurement of it; free it."""
+    o = run.o
+    runner = _make_runner(name, o, run.dims, run.dtype)
+    info = _build(run, name, runner)
+    if info["status"] != "ok":
+        run.log(f"[bench] {name}: build failed: {info['status']}")
+        runner.free() if hasattr(runner, "free") else None
+        return
+    is_attn = len(info.get("attention_layers", [])) == run.dims["num_hidden_layers"]
+    pctx = [c for c in (o.prefill_contexts or o.contexts) if not (is_attn and c > o.attn_prefill_max)]
+    _warm(run, runner, pctx, info)
+    _self_check(run, runner, info)
+    _note_fallback(runner, info)
+    run.log(f"[bench] {name}: {format_params(info.get('params'))} params, kernels {info.get('kernels')}, "
             f"built in {info.get('build_s')} s")
-        for ctx in o.contexts:
-            do_pre = ctx in pctx
-            d = {"model": name, "context": ctx, "batch": 1}
-            p = {"model": name, "context": ctx, "batch": 1}
-            if over_budget():
-                d["status"] = p["status"] = "skipped (time budget)"
-            else:
-                with point(d, dev, log):
-                    pre, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=do_pre)
-                    d.update(dec)
-                    if pre is not None:
-                        p.update(pre)
-                if do_pre:
-                    p["status"] = "ok" if "seconds" in p else d["status"]
-                if do_pre and d["status"] != "ok" and not over_budget():
-                    # the prefill (or its activations) failed: still measure decode, on a random-filled cache
-                    d2 = {"model": name, "context": ctx, "batch": 1}
-                    with point(d2, dev, log):
-                        _, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=False)
-                        d2.update(dec)
-                    if d2["status"] == "ok":
-                        d = {**d2, "note": f"prefill failed ({d['status'][:80]}); decode on random-filled cache"}
-            _floor(d, runner, ctx, 1, bw)
-            res["decode"].append(d)
-            if do_pre:
-                res["prefill"].append(p)
-            if getattr(runner, "engine", None) is not None and runner.engine.fallback_reason:
-                info["fallback"], info["kernels"] = runner.engine.fallback_reason, runner.engine.kernels
-            log(f"[bench] {name:<10} ctx {ctx:>7}: decode {d.get('ms_median', float('nan')):8.3f} ms "
-                f"({d.get('ratio', float('nan')):.2f}x floor {d['floor_ms']:.3f} ms) "
-                f"prefill {p.get('seconds', float('nan')):.3f} s  peak {d.get('peak_gb') or 0:.2f}/"
-                f"{p.get('peak_gb') or 0:.2f} GB  [{d['status']}]")
-            save()
-        if info.get("kernels") == "triton" and hasattr(runner, "set_kernels"):
-            for ctx in o.compare_torch_contexts:
-                if over_budget():
-                    break
-                r = {"model": name, "context": ctx, "batch": 1}
-                runner.set_kernels("torch")
-                with point(r, dev, log):
-                    _, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=False)
-                    r.update(dec)
-                runner.set_kernels("triton")
-                _floor(r, runner, ctx, 1, bw)
-                res["kernel_compare"].append(r)
-                log(f"[bench] {name:<10} ctx {ctx:>7}: torch-ops step {r.get('ms_median', float('nan')):.3f} ms")
-        if o.table2_out and not over_budget():
-            t = {"model": name}
-            with point(t, dev, log):
-                t.update(runner.table2(o.table2_visual + o.table2_prompt, o.table2_out))
-            res["table2"].append(t)
-            log(f"[bench] {name:<10} table2: {t.get('tokens_per_s', float('nan')):.1f} tok/s "
-                f"(total {t.get('total_s', float('nan')):.3f} s) [{t['status']}]")
-        if name in o.batch_models and hasattr(runner, "engine"):
-            for b in o.batch_sizes:
-                r = {"model": name, "context": o.batch_context, "batch": b}
-                if over_budget():
-                    r["status"] = "skipped (time budget)"
-                else:
-                    with point(r, dev, log):
-                        _, dec = runner.run_point(o.batch_context, b, o.steps, o.warmup, prefill=False)
-                        r.update(dec)
-                _floor(r, runner, o.batch_context, b, bw)
-                res["batch"].append(r)
-                log(f"[bench] {name:<10} batch {b:>3}: {r.get('tokens_per_s', float('nan')):9.1f} tok/s "
-                    f"[{r['status']}]")
-        save()
-        runner.free()
-        cleanup(dev)
-    try:
-        from ..inference import triton_kernels as tk
+    for ctx in o.contexts:
+        _context_point(run, name, runner, ctx, ctx in pctx)
+        _note_fallback(runner, info)
+    _compare_torch_step(run, name, runner, info)
+    _table2(run, name, runner)
+    _batch_sweep(run, name, runner)
+    run.save()
+    runner.free()
+    cleanup(run.dev)
 
-        meta["triton_gemv_configs"] = {str(k[:8]): list(v) for k, v in tk._TUNED.items()}
-    except Exception:  # noqa: BLE001 - triton absent
-        pass
-    save()
+
+def _build(run: _Run, name: str, runner) -> dict:
+    info = {"status": "ok"}
+    with point(info, run.dev, run.log):
+        t0 = time.time()
+        info.update(runner.build())
+        info["build_s"] = round(time.time() - t0, 1)
+    run.res["models"][name] = info
+    return info
+
+
+def _warm(run: _Run, runner, pctx: list[int], info: dict) -> None:
+    """Compile / tune the prefill kernels for every chunk shape the sweep will meet."""
+    chunk = run.o.prefill_chunk
+    lengths = [min(pctx or [64]), chunk + 64] + [(c % chunk) or chunk for c in pctx]
+    warm = {"status": "ok"}
+    with point(warm, run.dev, run.log):
+        runner.warm([n for n in lengths if n <= max(pctx or [64]) + 64])
+    if warm["status"] != "ok":
+        info["warm"] = warm["status"]
+
+
+def _self_check(run: _Run, runner, info: dict) -> None:
+    """The Triton decode step against the torch step (and fp32); torch kernels from here on if it fails."""
+    if not hasattr(runner, "self_check") or info.get("kernels") != "triton":
+        return
+    rec = {"status": "ok"}
+    bad = None
+    with point(rec, run.dev, run.log):
+        errs = runner.self_check()
+        info["self_check_rel_err"] = errs["triton_vs_torch"]
+        info["self_check_vs_fp32"] = {k: errs[k] for k in ("triton_vs_fp32", "torch_vs_fp32")}
+        bad = self_check_failure(errs, run.o.self_check_tol)
+    if rec["status"] != "ok":
+        bad = f"self-check failed ({rec['status']})"
+    if bad:
+        info["fallback"] = f"{bad}: torch kernels used"
+        runner.set_kernels("torch")
+        info["kernels"] = "torch"
+
+
+def _note_fallback(runner, info: dict) -> None:
+    """The engine's own fallback to torch kernels (a Triton kernel that failed to compile or launch), if any."""
+    if getattr(runner, "engine", None) is not None and runner.engine.fallback_reason:
+        info["fallback"], info["kernels"] = runner.engine.fallback_reason, runner.engine.kernels
+
+
+def _context_point(run: _Run, name: str, runner, ctx: int, do_pre: bool) -> None:
+    """Prefill (if `do_pre`) and decode at one context, batch 1; decode on a random-filled cache if the prefill
+    failed."""
+    o, dev = run.o, run.dev
+    d = {"model": name, "context": ctx, "batch": 1}
+    p = {"model": name, "context": ctx, "batch": 1}
+    if run.over_budget():
+        d["status"] = p["status"] = "skipped (time budget)"
+    else:
+        with point(d, dev, run.log):
+            pre, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=do_pre)
+            d.update(dec)
+            if pre is not None:
+                p.update(pre)
+        if do_pre:
+            p["status"] = "ok" if "seconds" in p else d["status"]
+        if do_pre and d["status"] != "ok" and not run.over_budget():
+            d2 = {"model": name, "context": ctx, "batch": 1}
+            with point(d2, dev, run.log):
+                _, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=False)
+                d2.update(dec)
+            if d2["status"] == "ok":
+                d = {**d2, "note": f"prefill failed ({d['status'][:80]}); decode on random-filled cache"}
+    run.floor(d, runner, ctx, 1)
+    run.res["decode"].append(d)
+    if do_pre:
+        run.res["prefill"].append(p)
+    nan = float("nan")
+    line = f"[bench] {name:<10} ctx {ctx:>7}: decode {d.get('ms_median', nan):8.3f} ms "
+    if run.gpu:
+        line += (f"({d.get('ratio', nan):.2f}x floor {d['floor_ms']:.3f} ms) prefill {p.get('seconds', nan):.3f} s  "
+                 f"peak {d.get('peak_gb') or 0:.2f}/{p.get('peak_gb') or 0:.2f} GB  [{d['status']}]")
+    else:
+        line += f"prefill {p.get('seconds', nan):.3f} s  [{d['status']}]"
+    run.log(line)
+    run.save()
+
+
+def _compare_torch_step(run: _Run, name: str, runner, info: dict) -> None:
+    """The same decode step in plain PyTorch ops at a few contexts (Triton runs only)."""
+    if info.get("kernels") != "triton" or not hasattr(runner, "set_kernels"):
+        return
+    o = run.o
+    for ctx in o.compare_torch_contexts:
+        if run.over_budget():
+            break
+        r = {"model": name, "context": ctx, "batch": 1}
+        runner.set_kernels("torch")
+        with point(r, run.dev, run.log):
+            _, dec = runner.run_point(ctx, 1, o.steps, o.warmup, prefill=False)
+            r.update(dec)
+        runner.set_kernels("triton")
+        run.floor(r, runner, ctx, 1)
+        run.res["kernel_compare"].append(r)
+        run.log(f"[bench] {name:<10} ctx {ctx:>7}: torch-ops step {r.get('ms_median', float('nan')):.3f} ms")
+
+
+def _table2(run: _Run, name: str, runner) -> None:
+    o = run.o
+    if not o.table2_out or run.over_budget():
+        return
+    t = {"model": name}
+    with point(t, run.dev, run.log):
+        t.update(runner.table2(o.table2_visual + o.table2_prompt, o.table2_out))
+    run.res["table2"].append(t)
+    run.log(f"[bench] {name:<10} table2: {t.get('tokens_per_s', float('nan')):.1f} tok/s "
+            f"(total {t.get('total_s', float('nan')):.3f} s) [{t['status']}]")
+
+
+def _batch_sweep(run: _Run, name: str, runner) -> None:
+    o = run.o
+    if name not in o.batch_models or not hasattr(runner, "engine"):
+        return
+    for b in o.batch_sizes:
+        r = {"model": name, "context": o.batch_context, "batch": b}
+        if run.over_budget():
+            r["status"] = "skipped (time budget)"
+        else:
+            with point(r, run.dev, run.log):
+                _, dec = runner.run_point(o.batch_context, b, o.steps, o.warmup, prefill=False)
+                r.update(dec)
+        run.floor(r, runner, o.batch_context, b)
+        run.res["batch"].append(r)
+        run.log(f"[bench] {name:<10} batch {b:>3}: {r.get('tokens_per_s', float('nan')):9.1f} tok/s "
+                f"[{r['status']}]")
+
+
+def _finish(run: _Run) -> None:
+    """The tuned kernel configurations, plots, report.md and the summary table."""
+    res, out, log = run.res, run.out, run.log
+    if run.gpu and tk.available():
+        res["meta"]["triton_gemv_configs"] = {str(k[:8]): list(v) for k, v in tk._TUNED.items()}
+    run.save()
     plots = []
     try:
         plots = write_plots(res, out)
     except Exception as e:  # noqa: BLE001 - keep the JSON and markdown even if plotting fails
         log(f"[bench] plotting failed: {e}")
     write_markdown(res, out / "report.md", plots)
-    save()
+    run.save()
     table = summary_table(res)
     (out / "summary.txt").write_text(table + "\n")
     log(table)
     log(f"[bench] wrote {out / 'results.json'}, {out / 'report.md'} and {len(plots)} plots "
-        f"in {time.time() - t_start:.0f} s")
-    return res
+        f"in {time.time() - run.t_start:.0f} s")
 
 
 def _ints(s: str) -> list[int]:

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ..inference.cuda_graph import CapturedStep
+from ..inference.engine import Engine, resolve_kernels
 from .measure import GB, cleanup, decode_weight_bytes, param_count, peak_gb, reset_peak, summarize, sync
 from .models import build_hf_llama, build_mamba_ssm, build_ours, make_config
 
@@ -57,8 +59,6 @@ class OursRunner:
         self.model = self.engine = None
 
     def build(self) -> dict:
-        from ..inference.engine import Engine
-
         self.config = make_config(self.dims, self.variant, self.placement)
         self.model = build_ours(self.config, self.device, self.dtype)
         self.engine = Engine(self.model, kernels=self.kernels, cuda_graph=self.cuda_graph,
@@ -154,8 +154,6 @@ class OursRunner:
                 "tokens_per_s": n_out / total}
 
     def set_kernels(self, kernels: str) -> None:
-        from ..inference.engine import resolve_kernels
-
         self.engine.release()
         self.engine.kernels = resolve_kernels(kernels, self.device)
         self.engine._warm = False
@@ -385,8 +383,6 @@ class MambaSSMRunner:
 
         reset_peak(self.device)
         if self.device.type == "cuda":
-            from ..inference.cuda_graph import CapturedStep
-
             graph = CapturedStep(fwd, warmup=2)
             run = graph.replay
         else:
