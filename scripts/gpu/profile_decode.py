@@ -55,7 +55,7 @@ def main():
     print(f"{out['device']}  copy bandwidth {bw / 1e9:,.0f} GB/s  context {args.context}")
     for variant in args.variants.split(","):
         model = build_ours(make_config(HOVLE_DIMS, variant), dev, torch.bfloat16)
-        engine = Engine(model, kernels="triton", cuda_graph=True)
+        engine = Engine(model, kernels="triton", cuda_graph=True, share_weights=True)
         engine.reserve(1, args.context + 64)
         ids = torch.randint(0, HOVLE_DIMS["vocab_size"], (1, args.context), device=dev)
         engine.prefill(ids)

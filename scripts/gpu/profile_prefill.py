@@ -38,7 +38,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     model = build_ours(make_config(HOVLE_DIMS, args.variant), dev, torch.bfloat16)
-    engine = Engine(model, kernels="triton", cuda_graph=False)
+    engine = Engine(model, kernels="triton", cuda_graph=False, share_weights=True)
     ids = torch.randint(0, HOVLE_DIMS["vocab_size"], (1, args.context), device=dev)
     engine.reserve(1, args.context + 1)
     engine.prefill(ids)

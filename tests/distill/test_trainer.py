@@ -399,8 +399,8 @@ def test_kernels_chosen_and_logged_on_cuda(tmp_path, monkeypatch):
 
 
 def test_several_processes_take_the_first_ones_ssd_backward(tmp_path, monkeypatch):
-    """The dq/dk/dg tile width is timed on each process; with several, all take the first process's choice (forced
-    through MMMAMBA_SSD_BACKWARD, so that every later stage in the process keeps it)."""
+    """The dq/dk/dg tile width is timed on each process; with several, all take the first process's choice, handed
+    to every Mamba-2 mixer as its explicit `ssd_backward` (no environment variable is written)."""
     import accelerate.utils
     from conftest import tiny_config
 
@@ -421,7 +421,9 @@ def test_several_processes_take_the_first_ones_ssd_backward(tmp_path, monkeypatc
     runner.acc = SimpleNamespace(num_processes=2, is_main_process=True)
     student = MMMambaForCausalLM(tiny_config(layer_types=["attention", "mamba2"] * 2))
     runner._choose_kernels(student, torch.device("cuda", 0), torch.bfloat16)
-    assert os.environ["MMMAMBA_SSD_BACKWARD"] == "bk32" and "32-wide tiles" in said[0]
+    mixers = [m for m in student.modules() if hasattr(m, "ssd_backward")]
+    assert mixers and all(m.ssd_backward == "bk32" for m in mixers) and "32-wide tiles" in said[0]
+    assert os.environ["MMMAMBA_SSD_BACKWARD"] == ""
 
 
 def test_compile_option_compiles_teacher_step_mixers_and_layers(tmp_path, monkeypatch):

@@ -234,6 +234,24 @@ triton_missing = pytest.mark.skipif(importlib.util.find_spec("triton") is None, 
 
 
 @triton_missing
+def test_decode_kernels_first_use_check():
+    assert "decode check ok" in _run_case("decode_check")
+
+
+def test_engine_falls_back_when_the_decode_kernels_fail_their_check(make_model, monkeypatch):
+    """On CUDA a failed `decode_ok` turns the engine to the torch step with a warning (the device is faked here;
+    nothing runs on it)."""
+    from mmmamba.inference import engine as engine_mod
+
+    eng = Engine(make_model(LINEAR), kernels="torch")
+    eng.kernels, eng.device = "triton", torch.device("cuda", 0)
+    monkeypatch.setattr(engine_mod.tk, "decode_ok", lambda dtype, index: False)
+    with pytest.warns(UserWarning, match="decode kernels failed their check"):
+        eng._check_decode_kernels()
+    assert eng.kernels == "torch" and "failed their check" in eng.fallback_reason
+
+
+@triton_missing
 def test_triton_kernels_match_torch_semantics():
     out = _run_case("kernels")
     assert "kernels ok" in out

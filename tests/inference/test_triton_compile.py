@@ -149,7 +149,6 @@ def test_other_kernels_compile(tk):
             sig |= {n: "*fp32" for n in ("w_ptr", "dw_ptr", "rw_ptr", "coef_ptr")} | {"eps": "fp32"}
             k = _compile(gn._bwd_kernel, sig, dict(D=d, BH=bh, BR=16, LOSS=loss, HAS_RW=loss))
             assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d} loss={loss}: spills"
-    _compile(tk._silu_mul_kernel, {"gu_ptr": f"*{dt}", "o_ptr": f"*{dt}"}, dict(BLOCK=2048))
     from mmmamba.ops import gla_prep  # fla's inputs from the conv output (training)
 
     for d, h, kv in ((64, 9, 3), (128, 16, 8)):  # SmolLM2 and HoVLE heads
@@ -161,15 +160,18 @@ def test_other_kernels_compile(tk):
     from mmmamba.ops import swiglu  # the gated MLP's SiLU product (training, frozen teacher streams)
 
     for xdt in (dt, "fp32"):
-        _compile(swiglu._fwd_kernel, {n: f"*{xdt}" for n in ("g_ptr", "u_ptr", "y_ptr")}, dict(BLOCK=swiglu.BLOCK), 8)
-        _compile(swiglu._bwd_kernel, {n: f"*{xdt}" for n in ("g_ptr", "u_ptr", "dy_ptr", "dg_ptr", "du_ptr")},
+        _compile(swiglu._silu_mul_kernel, {n: f"*{xdt}" for n in ("g_ptr", "u_ptr", "y_ptr")},
+                 dict(BLOCK=swiglu.BLOCK), 8)
+        _compile(swiglu._silu_mul_bwd_kernel, {n: f"*{xdt}" for n in ("g_ptr", "u_ptr", "dy_ptr", "dg_ptr", "du_ptr")},
                  dict(BLOCK=swiglu.BLOCK), 8)
     from mmmamba.ops import rope  # fused RoPE (prefill, frozen teacher streams)
 
     for d2, bh in ((32, 16), (64, 16)):
         _compile(rope._rope_kernel, {n: f"*{dt}" for n in ("x_ptr", "c_ptr", "s_ptr", "o_ptr")}, dict(D2=d2, BH=bh))
+    from mmmamba.ops import conv_silu  # the engine's prefill conv + SiLU
+
     for split in (False, True):  # plain output, or straight into the SSD's (q, k, dt * v) layout
-        k = _compile(tk._conv_silu_prefill_kernel,
+        k = _compile(conv_silu._conv_silu_prefill_kernel,
                      {n: f"*{dt}" for n in ("z_ptr", "st_ptr", "w_ptr", "b_ptr", "m_ptr", "o_ptr", "q_ptr", "k_ptr",
                                             "v_ptr")} | {"dt_ptr": "*fp32"},
                      dict(KC=4, HAS_STATE=True, HAS_MASK=True, HAS_BIAS=True, BT=16, BC=128, SPLIT=split, D=128,

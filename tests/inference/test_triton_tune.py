@@ -80,7 +80,7 @@ def test_programmatic_dependent_launch_is_opt_in(monkeypatch):
 def test_prefill_split_route_only_for_power_of_two_head_dims():
     """The conv kernel writes fla's layout in column blocks inside one head: head dims 16, 32, ... only (others take
     the split-then-copy route)."""
-    from mmmamba.inference import triton_kernels as tk
+    from mmmamba.ops.conv_silu import split_ok
 
-    assert all(tk.split_ok(d) for d in (16, 64, 128, 256))
-    assert not any(tk.split_ok(d) for d in (8, 80, 96, 192))
+    assert all(split_ok(d) for d in (16, 64, 128, 256))
+    assert not any(split_ok(d) for d in (8, 80, 96, 192))

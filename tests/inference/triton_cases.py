@@ -17,7 +17,9 @@ import torch.nn.functional as F  # noqa: E402
 from mmmamba.inference import triton_kernels as tk  # noqa: E402
 from mmmamba.ops.add_norm import fused_add_rmsnorm  # noqa: E402
 from mmmamba.ops.add_norm import rmsnorm_ref as _rmsnorm  # noqa: E402
+from mmmamba.ops.conv_silu import fused_prefill  # noqa: E402
 from mmmamba.ops.gated_norm import fused_forward, gated_rmsnorm_ref  # noqa: E402
+from mmmamba.ops.swiglu import fused_forward_packed  # noqa: E402
 
 
 def close(a, b, tol=1e-5):
@@ -148,7 +150,7 @@ def case_kernels():
     gw = torch.rand(16) + 0.5
     close(fused_forward(yv, gv, gw, 1e-5, 16), gated_rmsnorm_ref(yv, gv, gw, 1e-5, 16))
     gu = torch.randn(2, 5, 2 * 40)
-    close(tk.silu_mul(gu), F.silu(gu[..., :40]) * gu[..., 40:])
+    close(fused_forward_packed(gu), F.silu(gu[..., :40]) * gu[..., 40:])
     from mmmamba.ops.conv import causal_conv1d
 
     for kc in (2, 4):
@@ -160,7 +162,7 @@ def case_kernels():
         mask = torch.ones(2, L, dtype=torch.bool)
         mask[1, :6] = False
         for state, m in ((None, None), (st, None), (None, mask), (st, mask)):
-            out, new_state = tk.conv_silu_prefill(xBC, cw, cb, state, m)
+            out, new_state = fused_prefill(xBC, cw, cb, state, m)
             xm = xBC if m is None else xBC * m[..., None].float()
             ref, ref_state = causal_conv1d(xm, cw, cb, state)
             ref = F.silu(ref)
@@ -180,9 +182,9 @@ def case_kernels():
     mask[0, :4] = False
     for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):  # the interpreter truncates bf16 casts
         xBC = zz[..., :C].to(dtype)
-        (q, k, v), new_state = tk.conv_silu_prefill(xBC, cw.to(dtype), cb.to(dtype), st.to(dtype), mask,
+        (q, k, v), new_state = fused_prefill(xBC, cw.to(dtype), cb.to(dtype), st.to(dtype), mask,
                                                     split=(dt, h, kv, d))
-        xc, ref_state = tk.conv_silu_prefill(xBC, cw.to(dtype), cb.to(dtype), st.to(dtype), mask)
+        xc, ref_state = fused_prefill(xBC, cw.to(dtype), cb.to(dtype), st.to(dtype), mask)
         xv, xk, xq = xc.split([kv * d, kv * d, h * d], -1)
         rep = lambda t: t.reshape(2, L, kv, d).repeat_interleave(h // kv, 2)  # noqa: E731
         want = gla_inputs(rep(xv), dt, -torch.ones(h), rep(xk), xq.reshape(2, L, h, d))
@@ -315,5 +317,19 @@ def case_hybrid():
     print("hybrid ok", errs)
 
 
+def case_decode_check():
+    """The engine's first-use check of the decode kernels (`triton_kernels.decode_errors`) passes in fp32 (bf16
+    `tl.dot` is mis-evaluated by the interpreter), and fails for a kernel that computes something else."""
+    errs = tk.decode_errors(torch.float32, "cpu")
+    assert max(errs.values()) < tk.CHECK_TOLERANCE[torch.float32], errs
+    good = tk.ssm_step
+    tk.ssm_step = lambda z, cs, cw, cb, dtb, negA, S, y, *a, **k: good(z, cs, cw, cb, dtb, 2 * negA, S, y, *a, **k)
+    bad = tk.decode_errors(torch.float32, "cpu")
+    tk.ssm_step = good
+    assert bad["ssm_y"] > 1e-2 and bad["ssm_state"] > 1e-2, bad
+    print("decode check ok", errs)
+
+
 if __name__ == "__main__":
-    {"kernels": case_kernels, "engine": case_engine, "hybrid": case_hybrid, "split": case_split}[sys.argv[1]]()
+    {"kernels": case_kernels, "engine": case_engine, "hybrid": case_hybrid, "split": case_split,
+     "decode_check": case_decode_check}[sys.argv[1]]()

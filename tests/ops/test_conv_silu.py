@@ -24,9 +24,39 @@ for k, dtype, bias, L, C in [(2, torch.float32, True, 77, 200), (4, torch.float3
 """
 
 
+PREFILL = r"""
+import torch
+from mmmamba.ops.conv_silu import prefill_errors
+# the engine's prefill kernel: carried state, left padding, plain or split into the SSD's (q, k, dt * v) layout
+for k, dtype, bias, d in [(2, torch.float32, True, None), (4, torch.float32, False, 16), (2, torch.float32, True, 32)]:
+    errs = prefill_errors(k, dtype, torch.device("cpu"), bias, d)
+    assert max(errs.values()) < 1e-5, (k, dtype, bias, d, errs)
+    print("ok", k, d, errs)
+"""
+
+
 @requires_triton
 def test_fused_kernels_match_reference_under_the_interpreter():
     run_interpreted(CASES, expect_ok=3)
+
+
+@requires_triton
+def test_prefill_kernel_matches_reference_under_the_interpreter():
+    run_interpreted(PREFILL, expect_ok=3)
+
+
+def test_prefill_reference_is_the_masked_conv_from_the_state():
+    from mmmamba.ops.conv_silu import conv_silu_prefill_ref
+
+    torch.manual_seed(0)
+    x, w, b, st = torch.randn(2, 9, 6), torch.randn(6, 3), torch.randn(6), torch.randn(2, 6, 2)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :2] = False
+    y, new = conv_silu_prefill_ref(x, w, b, st, mask)
+    m = mask[..., None].float()
+    ref, ref_state = causal_conv1d(x * m, w, b, st)
+    torch.testing.assert_close(y, F.silu(ref) * m, rtol=0, atol=0)
+    torch.testing.assert_close(new, ref_state, rtol=0, atol=0)
 
 
 def test_cpu_dispatch_is_the_reference():

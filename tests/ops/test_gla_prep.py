@@ -84,7 +84,9 @@ def test_fla_route_declines_the_torch_backward(monkeypatch):
     split inputs."""
     monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev, h: "torch")
     xc = torch.randn(1, 3, 16, requires_grad=True)
-    assert ssd_mod._ssd_packed_fla(xc, torch.rand(1, 3, 2), -torch.ones(2), 2, 1, 4, None) is None
+    assert ssd_mod._ssd_packed_fla(xc, torch.rand(1, 3, 2), -torch.ones(2), 2, 1, 4, None, None) is None
+    monkeypatch.setattr(ssd_fla, "backward_mode", lambda K, V, dev, h: pytest.fail("the argument decides"))
+    assert ssd_mod._ssd_packed_fla(xc, torch.rand(1, 3, 2), -torch.ones(2), 2, 1, 4, None, "torch") is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

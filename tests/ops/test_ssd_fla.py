@@ -13,8 +13,7 @@ _CHECK = ssd_fla._tile_mode  # the cached choice (a test may replace the module 
 
 
 @pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    monkeypatch.delenv("MMMAMBA_SSD_BACKWARD", raising=False)
+def _clean():
     _CHECK.cache_clear()
     yield
     _CHECK.cache_clear()
@@ -65,12 +64,34 @@ def test_tiles_unavailable_fall_back_to_torch(monkeypatch):
         assert ssd_fla.backward_mode(128, 128, torch.device("cuda", 0)) == "torch"
 
 
-def test_forced_mode_and_bad_value(monkeypatch):
-    monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "torch")
-    assert ssd_fla.backward_mode(64, 64, torch.device("cuda", 0)) == "torch"
-    monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "fast")
+def test_kernel_report_forced_mode_bad_value_and_inference_paths(monkeypatch):
+    """A forced SSD backward is an argument of `ops.kernel_report` (the trainer reads MMMAMBA_SSD_BACKWARD at its
+    edge); nothing in ops reads the environment, and a bad name is a clear error."""
+    from types import SimpleNamespace
+
+    from mmmamba.ops import kernels
+
+    monkeypatch.setenv("MMMAMBA_SSD_BACKWARD", "bk32")  # ignored below: only the argument counts
+    monkeypatch.setattr(ssd_fla, "fla_available", lambda: True)
+    monkeypatch.setattr(ssd_fla, "backward_mode", lambda *a: "native")
+    for mod, name in ((kernels.gated_norm, "_fused_ok"), (kernels.conv_silu, "_fused_ok"),
+                      (kernels.gla_prep, "fused_ok"), (kernels.add_norm, "rmsnorm_ok"), (kernels.swiglu, "fused_ok")):
+        monkeypatch.setattr(mod, name, lambda *a: True)
+    cfg = SimpleNamespace(head_dim=64, num_attention_heads=2, mamba_d_conv=2)
+    dev = torch.device("cuda", 0)
+    assert kernels.kernel_report(cfg, torch.bfloat16, dev, ssd_backward="torch")["ssd_backward"] == "torch"
+    assert kernels.kernel_report(cfg, torch.bfloat16, dev)["ssd_backward"] == "native"
     with pytest.raises(ValueError, match="native, bk32, bk128 or torch"):
-        ssd_fla.backward_mode(64, 64, torch.device("cuda", 0))
+        kernels.kernel_report(cfg, torch.bfloat16, dev, ssd_backward="fast")
+    assert kernels.kernel_report(cfg, torch.bfloat16, torch.device("cpu")) == {"ssd_backward": None, "fused": {}}
+    monkeypatch.setattr(kernels.conv_silu, "prefill_ok", lambda *a: False)  # the engine's prefill paths
+    for mod in (kernels.add_norm, kernels.rope):
+        monkeypatch.setattr(mod, "fused_ok", lambda *a: True)
+    report = kernels.kernel_report(cfg, torch.bfloat16, dev, inference=True)
+    assert report == {"ssd_backward": None, "fused": {"gated RMSNorm": True, "add + RMSNorm": True,
+                                                      "conv + SiLU (prefill)": False,
+                                                      "conv + SiLU into the SSD inputs": False, "RoPE": True,
+                                                      "MLP SiLU product": True}}
 
 
 class _no_warning:

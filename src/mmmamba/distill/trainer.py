@@ -486,35 +486,24 @@ class StageRunner:
         trains through."""
         if device.type != "cuda" or not student.config.mamba_layers:
             return
-        from ..ops import add_norm, conv_silu, gated_norm, gla_prep, rope, ssd_fla, swiglu
-        from ..ops.checked import cuda_index
+        from ..layers.mamba2 import set_ssd_backward
+        from ..ops import kernel_report, ssd_fla
 
-        cfg = student.config
-        fla = ssd_fla.fla_available()
-        if fla:
-            mode = ssd_fla.backward_mode(cfg.head_dim, cfg.head_dim, device, cfg.num_attention_heads)
+        # stage 3: the whole student trains through its norms (in its parameters' dtype) and MLPs
+        report = kernel_report(student.config, dtype, device, stream_dtype=stream_dtype,
+                               norm_dtype=next(student.parameters()).dtype,
+                               ssd_backward=os.environ.get("MMMAMBA_SSD_BACKWARD") or None)  # the override's edge
+        mode, fused = report["ssd_backward"], report["fused"]
+        if mode is not None:
             if self.acc is not None and self.acc.num_processes > 1:  # timed per process: all take the first's
                 from accelerate.utils import broadcast_object_list
 
                 mode = broadcast_object_list([mode])[0]
-                os.environ["MMMAMBA_SSD_BACKWARD"] = mode
+            set_ssd_backward(student, mode)
             self.log(f"SSD: fla-core forward, backward {ssd_fla.MODE_NOTES[mode]}. The first steps tune and compile "
                      "fla's kernels: minutes on a new machine, kept on disk for later runs")
         else:
             self.log("SSD: chunked torch implementation (fla-core not importable)")
-        index = cuda_index(device)
-        fused = {"gated RMSNorm": gated_norm._fused_ok(cfg.head_dim, dtype, index),
-                 "conv + SiLU": conv_silu._fused_ok(cfg.mamba_d_conv, dtype, True, index)}
-        if fla:
-            fused["SSD inputs from the conv output"] = gla_prep.fused_ok(cfg.head_dim, dtype, index)
-        if stream_dtype is not None:
-            fused["per-head MSE in the gated RMSNorm"] = gated_norm._fused_mse_ok(cfg.head_dim, dtype, index)
-            fused["teacher stream add + RMSNorm"] = add_norm.fused_ok(stream_dtype, index)
-            fused["teacher RoPE"] = rope.fused_ok(stream_dtype, index)
-            fused["teacher MLP SiLU product"] = swiglu.fused_ok(stream_dtype, index)
-        else:  # stage 3: the whole student trains through its norms (in its parameters' dtype) and MLPs
-            fused["RMSNorm"] = add_norm.rmsnorm_ok(next(student.parameters()).dtype, index)
-            fused["MLP SiLU product"] = swiglu.fused_ok(dtype, index)
         self.log("; ".join(f"{name}: " + ("fused Triton kernels (checked against torch)" if ok else "torch ops")
                            for name, ok in fused.items()))
 

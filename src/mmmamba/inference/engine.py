@@ -36,10 +36,14 @@ from torch import nn
 from ..layers.rope import rope_inv_freq
 from ..models.config import ATTENTION
 from ..models.generate import decode_loop, resolve_options, sample_next
+from ..ops import kernel_report
 from ..ops.add_norm import add_rmsnorm, rmsnorm_ref
+from ..ops.checked import cuda_index
+from ..ops.conv_silu import fused_prefill, split_ok
 from ..ops.gated_norm import fused_forward, gated_rmsnorm_ref
 from ..ops.rope import apply_rope, apply_rope_ref
 from ..ops.ssd import resolve_backend, ssd_gla
+from ..ops.swiglu import fused_forward_packed
 from . import triton_kernels as tk
 from .cuda_graph import CapturedStep
 from .static_cache import StaticCache
@@ -203,6 +207,9 @@ class Engine:
         self.fallback_reason: str | None = None
         if self.config.hidden_act not in ("silu", "swish") and self.kernels == "triton":
             self._fall_back(f"hidden_act {self.config.hidden_act!r} has no Triton epilogue")
+        self.fast_paths: dict | None = None  # the fused prefill kernels that passed their check (`_fused`)
+        if self.kernels == "triton":
+            self._fused("gated RMSNorm")
         self._build_plans()
         self.cache: StaticCache | None = None
         self._graph = None
@@ -366,7 +373,7 @@ class Engine:
             pending = None  # the previous MLP's output, added to h inside the next norm
             for p in self.plans:
                 layer = p.layer
-                h, r = add_rmsnorm(h, pending, p.ln1, p.eps1, fused=self._fast_prefill)
+                h, r = add_rmsnorm(h, pending, p.ln1, p.eps1, fused=self._fused("add + RMSNorm"))
                 if p.attention:
                     ri = layer.rope_index
                     if ri not in rope:
@@ -374,7 +381,7 @@ class Engine:
                     mixed = self._attn_prefill(p, r, rope[ri], s, e, kv_valid)
                 else:
                     mixed = self._mamba_prefill(p, r, pm, first=s == 0)
-                h, u = add_rmsnorm(h, mixed, p.ln2, p.eps2, fused=self._fast_prefill)
+                h, u = add_rmsnorm(h, mixed, p.ln2, p.eps2, fused=self._fused("add + RMSNorm"))
                 del mixed, r
                 gu = F.linear(u, p.w_gu, p.b_gu)
                 pending = F.linear(self._act_mul(layer, gu), p.w_down, p.b_down)
@@ -419,13 +426,13 @@ class Engine:
         dt, A = mix.discretize(dt_raw)
         cs = None if first else self.cache.conv[p.idx]
         ss = None if first else self.cache.ssm[p.idx]
-        if self._fast_prefill:
-            if resolve_backend(mix.ssd_backend, z) == "fla" and tk.split_ok(d):
+        if self._fused("conv + SiLU (prefill)"):
+            if resolve_backend(mix.ssd_backend, z) == "fla" and self._fused("conv + SiLU into the SSD inputs"):
                 # the conv writes fla's (q, k, dt * x) directly: no split copies, no GQA repeat, no dt * x pass
-                (q, k, v), conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, cs, pm, split=(dt, h, kv, d))
+                (q, k, v), conv_new = fused_prefill(xBC, p.conv_w, p.conv_b, cs, pm, split=(dt, h, kv, d))
                 y, final = ssd_gla(q, k, v, dt * A, initial_state=ss)
                 return self._mamba_out(p, y, g, conv_new, final, b, l)
-            xc, conv_new = tk.conv_silu_prefill(xBC, p.conv_w, p.conv_b, cs, pm)
+            xc, conv_new = fused_prefill(xBC, p.conv_w, p.conv_b, cs, pm)
         else:
             xc, conv_new = mix.conv(xBC, pm, cs, carry=True)
         y, final = mix.scan(xc, dt, A, initial_state=ss)
@@ -437,7 +444,7 @@ class Engine:
         self.cache.conv[p.idx].copy_(conv_new)
         self.cache.ssm[p.idx].copy_(final)
         d = self.config.head_dim
-        norm = fused_forward if self._fast_prefill else gated_rmsnorm_ref
+        norm = fused_forward if self._fused("gated RMSNorm") else gated_rmsnorm_ref
         y = norm(y.reshape(b, l, -1), g, p.gnorm_w, p.gnorm_eps, d)
         return F.linear(y, p.w_o, p.b_o)
 
@@ -446,9 +453,22 @@ class Engine:
         """Fused Triton elementwise kernels in prefill (same kernels family as the decode step)."""
         return self.kernels == "triton"
 
+    def _fused(self, path: str) -> bool:
+        """Whether the prefill runs fused kernel `path` (`ops.kernel_report`'s name): Triton kernels chosen and, on
+        CUDA, the path's check passed on this device (asked once). Under Triton's CPU interpreter (tests) all run."""
+        if not self._fast_prefill:
+            return False
+        if path == "conv + SiLU into the SSD inputs" and not split_ok(self.config.head_dim):
+            return False
+        if self.device.type != "cuda":
+            return True
+        if self.fast_paths is None:
+            self.fast_paths = kernel_report(self.config, self.dtype, self.device, inference=True)["fused"]
+        return self.fast_paths.get(path, False)
+
     def _act_mul(self, layer, gu):
-        if self._fast_prefill and self.config.hidden_act in ("silu", "swish"):
-            return tk.silu_mul(gu)
+        if self.config.hidden_act in ("silu", "swish") and self._fused("MLP SiLU product"):
+            return fused_forward_packed(gu)
         gate, up = gu.chunk(2, dim=-1)
         return layer.mlp.act(gate) * up
 
@@ -548,9 +568,18 @@ class Engine:
         self._graph = None
         self._warm = False
 
+    def _check_decode_kernels(self) -> None:
+        """Before the Triton decode step first runs on CUDA, its kernels pass their check against the torch
+        references (`triton_kernels.decode_ok`, once per device and dtype), or the engine falls back to the torch
+        step with a warning."""
+        if self.kernels == "triton" and self.device.type == "cuda" and not tk.decode_ok(
+                self.dtype, cuda_index(self.device)):
+            self._fall_back("the Triton decode kernels failed their check against the torch references")
+
     @torch.no_grad()
     def _warmup(self) -> None:
         """Run one step on a snapshot of the state (Triton compiles and tunes here), then restore it."""
+        self._check_decode_kernels()
         snap = self.cache.snapshot_state()
         ids = self._bufs["ids"].clone()
         try:

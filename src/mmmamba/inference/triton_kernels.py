@@ -15,8 +15,9 @@ Per Mamba-2 layer the step is 5 kernels, per attention layer 7:
 * `rope_append` + `attn_decode` (split-K flash decoding reading the length from the device) for attention.
 * `finish`: argmax over the partials, token fed back, position counters advanced.
 
-Prefill (many rows) uses three of the same family: conv + SiLU (optionally written straight into fla's
-simple-GLA inputs), SiLU(gate) * up, and `ops.add_norm`'s residual add + RMSNorm.
+Prefill (many rows) uses fused kernels of `ops`, each checked once against its reference: conv + SiLU with the
+carried state (optionally written straight into fla's simple-GLA inputs, `ops.conv_silu.fused_prefill`),
+SiLU(gate) * up (`ops.swiglu.fused_forward_packed`), the gated RMSNorm and `ops.add_norm`'s residual add + RMSNorm.
 
 Rounding follows the reference modules (`mmmamba.layers`): values are rounded to the model dtype where the
 reference rounds them. Every kernel has a fixed grid given the buffers, so the whole step can live in a CUDA
@@ -32,9 +33,15 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from ..ops.add_norm import rows_view
-from ..ops.checked import cuda_index
+from ..ops.add_norm import rmsnorm_ref
+from ..ops.checked import cuda_index, passes_check, rel_error
+from ..ops.conv import causal_conv1d_step
+from ..ops.gated_norm import gated_rmsnorm_ref
+from ..ops.gla_prep import split_heads
+from ..ops.rope import apply_rope_ref
+from ..ops.ssd_ref import ssd_step
 
 try:  # Triton is optional: CPU-only installs run the torch step
     import triton
@@ -514,76 +521,6 @@ if triton is not None:
             tl.store(len_ptr, tl.load(len_ptr) + 1)
 
 
-    # -- prefill (many rows): fused elementwise passes -----------------------------------------------------------
-    @triton.jit
-    def _silu_mul_kernel(gu_ptr, stride_gu, o_ptr, stride_o, N, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = cols < N
-        XDT = gu_ptr.dtype.element_ty
-        g = tl.load(gu_ptr + row * stride_gu + cols, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu_ptr + row * stride_gu + N + cols, mask=m, other=0.0).to(tl.float32)
-        a = (g * tl.sigmoid(g)).to(XDT).to(tl.float32)
-        tl.store(o_ptr + row * stride_o + cols, (a * u).to(XDT), mask=m)
-
-    @triton.jit
-    def _conv_silu_prefill_kernel(
-        z_ptr, stride_zb, stride_zt, st_ptr, w_ptr, b_ptr, m_ptr, o_ptr, L, C,
-        q_ptr, k_ptr, v_ptr, dt_ptr, KVD, H,
-        KC: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BT: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, REP: tl.constexpr,
-    ):
-        b = tl.program_id(0).to(tl.int64)
-        t = tl.program_id(1) * BT + tl.arange(0, BT)
-        c = tl.program_id(2) * BC + tl.arange(0, BC)
-        XDT = z_ptr.dtype.element_ty
-        cm = c < C
-        tm = t < L
-        acc = tl.zeros((BT, BC), tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + c, mask=cm, other=0.0).to(XDT).to(tl.float32)[None, :]
-        for j in tl.static_range(KC):
-            src = t - (KC - 1) + j
-            inside = (src >= 0) & tm
-            x = tl.load(z_ptr + b * stride_zb + src[:, None] * stride_zt + c[None, :],
-                        mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
-            if HAS_MASK:
-                x = x * tl.load(m_ptr + b * L + src, mask=inside, other=0.0).to(tl.float32)[:, None]
-            if HAS_STATE:  # taps before the chunk come from the carried state (the last KC-1 inputs)
-                before = (src < 0) & tm
-                sidx = src + (KC - 1)
-                xs = tl.load(st_ptr + (b * C + c[None, :]) * (KC - 1) + sidx[:, None],
-                             mask=before[:, None] & cm[None, :], other=0.0).to(tl.float32)
-                x = x + xs
-            acc += x * tl.load(w_ptr + c * KC + j, mask=cm, other=0.0).to(XDT).to(tl.float32)[None, :]
-        acc = acc.to(XDT).to(tl.float32)
-        y = (acc * tl.sigmoid(acc)).to(XDT).to(tl.float32)
-        if HAS_MASK:
-            y = y * tl.load(m_ptr + b * L + t, mask=tm, other=0.0).to(tl.float32)[:, None]
-        om = tm[:, None] & cm[None, :]
-        if SPLIT:  # straight into the SSD's layout: q (b, L, H, D), k and dt * v repeated over each group's heads
-            c0 = tl.program_id(2) * BC  # a column block lies inside one head (BC divides D): scalar routing
-            row = (b * L + t) * H
-            if c0 >= 2 * KVD:
-                hq = (c0 - 2 * KVD) // D
-                dq = (c0 - 2 * KVD) % D + tl.arange(0, BC)
-                tl.store(q_ptr + (row[:, None] + hq) * D + dq[None, :], y.to(XDT), mask=om)
-            else:
-                is_v = c0 < KVD
-                cc = tl.where(is_v, c0, c0 - KVD)
-                dd = cc % D + tl.arange(0, BC)
-                for r in tl.static_range(REP):
-                    head = (cc // D) * REP + r
-                    off = (row[:, None] + head) * D + dd[None, :]
-                    if is_v:
-                        dtv = tl.load(dt_ptr + row + head, mask=tm, other=0.0).to(XDT).to(tl.float32)
-                        tl.store(v_ptr + off, (y * dtv[:, None]).to(XDT), mask=om)
-                    else:
-                        tl.store(k_ptr + off, y.to(XDT), mask=om)
-        else:
-            tl.store(o_ptr + (b * L + t[:, None]) * C + c[None, :], y.to(XDT), mask=om)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
 _B1_CONFIGS = [  # (BLOCK_N, BLOCK_K, num_warps, ACC2D) for one row: wide K tiles, all loads of a tile in flight
@@ -850,60 +787,85 @@ def finish(pv, pi, n_parts, tok, ids, length, pos, opts: DecodeOptions = DEFAULT
                          num_warps=8)
 
 
-# -- prefill launchers (rows = batch x tokens) -----------------------------------------------------------------
-def silu_mul(gu):
-    """SiLU(gate) * up for gu = [gate | up] (..., 2N) -> (..., N)."""
-    g2 = rows_view(gu)
-    N = g2.shape[1] // 2
-    out = torch.empty(*gu.shape[:-1], N, dtype=gu.dtype, device=gu.device)
-    o2 = rows_view(out)
-    blk = min(2048, _pow2(N))
-    _silu_mul_kernel[(g2.shape[0], triton.cdiv(N, blk))](g2, g2.stride(0), o2, o2.stride(0), N, BLOCK=blk,
-                                                         num_warps=4)
-    return out
+# -- references and the first-use check ------------------------------------------------------------------------
+CHECK_TOLERANCE = {torch.float32: 1e-3}  # relative (norm); half types: HALF_TOLERANCE (each op rounds differently)
+HALF_TOLERANCE = 5e-2
 
 
-def split_ok(head_dim: int) -> bool:
-    """Whether `conv_silu_prefill(split=...)` handles this head dim (column blocks inside one head)."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+def ssm_step_ref(z, conv_state, conv_w, conv_b, dt_bias, neg_A, ssm, h, kv, d):
+    """What `ssm_step` computes, in the torch ops of `Mamba2Mixer.step`: (y (B, h d), new SSM state); conv_state
+    (B, C, k-1) is only read (the o-projection gemv shifts it)."""
+    C = (2 * kv + h) * d
+    xc, _ = causal_conv1d_step(z[:, :C], conv_w, conv_b, conv_state)
+    v, k, q = split_heads(F.silu(xc)[:, None], h, kv, d)
+    dt = F.softplus(z[:, C + h * d:C + h * d + h].float() + dt_bias)
+    y, S = ssd_step(ssm, v[:, 0], dt, neg_A, k[:, 0], q[:, 0])
+    return y.reshape(z.shape[0], -1), S
 
 
-def conv_silu_prefill(xBC, weight, bias, state, mask, split=None):
-    """SiLU(causal depthwise conv(x)) with masked (padding) inputs and outputs zeroed, taps before the chunk from
-    `state` (b, C, k-1) (None: zeros). xBC (b, l, C) may be a strided view of the fused projection. Returns the
-    output (b, l, C) contiguous and the new state (the last k-1 masked inputs).
+def decode_errors(dtype: torch.dtype, device, B: int = 2, h: int = 4, kv: int = 2, d: int = 64) -> dict[str, float]:
+    """Relative errors of the decode kernels against their torch references on random inputs in `dtype`: the
+    in-projection gemv with its RMSNorm prologue, the conv + SSM step, the o-projection gemv with the gated norm
+    and the conv-state shift, RoPE + append and split-K attention over a left-padded cache."""
+    gen = torch.Generator(device=device).manual_seed(0)
 
-    `split=(dt, heads, kv_heads, head_dim)`, C = [v | k | q] = 2 kv d + h d, dt (b, l, h) fp32: the output goes
-    straight into the SSD's simple-GLA inputs instead, each (b, l, h, d) contiguous: (q, k, dt * v) with k and v
-    repeated over the heads of their group, rounded as `ops.ssd_fla.gla_inputs` rounds them (dt to the model dtype
-    first); the output slot of the return value is then that triple. Saves the split's copies and the dt * v pass."""
-    b, L, C = xBC.shape
-    kc = weight.shape[1]
-    assert xBC.stride(2) == 1
-    mk = None if mask is None else mask.to(xBC.dtype).contiguous()
-    if split is None:
-        out = torch.empty(b, L, C, dtype=xBC.dtype, device=xBC.device)
-        q = k = v = dt = out
-        kvd, h, d, rep = 0, 1, 1, 1
-    else:
-        dt, h, kv, d = split
-        assert C == (2 * kv + h) * d and dt.shape == (b, L, h) and dt.is_contiguous()
-        q, k, v = (torch.empty(b, L, h, d, dtype=xBC.dtype, device=xBC.device) for _ in range(3))
-        out, kvd, rep = q, kv * d, h // kv
-    assert split is None or split_ok(d), f"split: head dim {d} is not a power of two >= 16"
-    BT, BC = 16, 128 if split is None else min(128, d)
-    _conv_silu_prefill_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
-        xBC, xBC.stride(0), xBC.stride(1), state if state is not None else weight, weight,
-        bias if bias is not None else weight, mk if mk is not None else weight, out, L, C,
-        q, k, v, dt, kvd, h,
-        KC=kc, HAS_STATE=state is not None, HAS_MASK=mk is not None, HAS_BIAS=bias is not None,
-        BT=BT, BC=BC, SPLIT=split is not None, D=d, REP=rep, num_warps=4,
-    )
-    if split is not None:
-        out = (q, k, v)
-    tail = xBC[:, max(0, L - (kc - 1)):]
-    if mk is not None:
-        tail = tail * mk[:, max(0, L - (kc - 1)):, None]
-    prev = state if state is not None else xBC.new_zeros(b, C, kc - 1)
-    new_state = torch.cat([prev.to(xBC.dtype), tail.transpose(1, 2)], dim=-1)[..., -(kc - 1):].contiguous()
-    return out, new_state
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+    H, C, kc, T = 256, (2 * kv + h) * d, 2, 40
+    x, nw, w_in = rnd(B, H), rnd(H, scale=0.1) + 1, rnd(C + h * d + h, H, scale=H ** -0.5)
+    z = torch.empty(B, w_in.shape[0], dtype=dtype, device=device)
+    gemv(x, w_in, z, pro=1, nw=nw, eps=1e-5)
+    errs = {"gemv": rel_error(z, F.linear(rmsnorm_ref(x, nw, 1e-5), w_in))}
+    conv_state, cw, cb = rnd(B, C, kc - 1), rnd(C, kc, scale=0.5), rnd(C, scale=0.1)
+    dtb = torch.randn(h, device=device, generator=gen) - 1
+    negA = -torch.rand(h, device=device, generator=gen) - 0.1
+    S0 = torch.randn(B, h, d, d, device=device, generator=gen) * 0.1
+    y, S = torch.empty(B, h * d, dtype=dtype, device=device), S0.clone()
+    ssm_step(z, conv_state, cw, cb, dtb, negA, S, y, h, kv, d)
+    y_ref, S_ref = ssm_step_ref(z, conv_state, cw, cb, dtb, negA, S0, h, kv, d)
+    errs.update(ssm_y=rel_error(y, y_ref), ssm_state=rel_error(S, S_ref))
+    w_o, gw, res = rnd(H, h * d, scale=(h * d) ** -0.5), rnd(d, scale=0.1) + 1, rnd(B, H)
+    want = res.float() + F.linear(gated_rmsnorm_ref(y, z[:, C:C + h * d], gw, 1e-5, d), w_o).float()
+    cs = conv_state.clone()
+    gemv(y, w_o, res, pro=2, nw=gw, eps=1e-5, g=z[:, C:], hd=d, res=res, epi=1, conv=(z, cs))
+    errs["gemv_gated"] = rel_error(res, want)
+    errs["conv_shift"] = rel_error(cs[..., -1], z[:, :C])
+    errs.update(_attention_errors(rnd, dtype, device, B, h, kv, d, T, gen))
+    return errs
+
+
+def _attention_errors(rnd, dtype, device, B, h, kv, d, T, gen) -> dict[str, float]:
+    """RoPE + append of one token at slot L, then split-K attention over slots key_start..L, against SDPA."""
+    L = T - 7
+    qkv, kc, vc = rnd(B, (h + 2 * kv) * d), rnd(B, kv, T, d), rnd(B, kv, T, d)
+    kvalid = torch.zeros(B, T, dtype=torch.bool, device=device)
+    kvalid[:, :L] = True
+    kvalid[1, :5] = False
+    kstart = torch.tensor([0, 5], dtype=torch.int32, device=device)[:B]
+    pos, length = torch.tensor([L, L - 5], device=device)[:B], torch.tensor(L, device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
+    q = torch.empty(B, h, d, dtype=dtype, device=device)
+    rope_append(qkv, pos, length, inv, q, kc, vc, kvalid.view(torch.uint8), h, kv, d)
+    emb = torch.cat([pos.float()[:, None] * inv] * 2, -1)
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    q_ref = apply_rope_ref(qkv[:, :h * d].view(B, h, 1, d), cos, sin)[:, :, 0]
+    errs = {"rope_q": rel_error(q, q_ref)}
+    ns = attn_num_splits(T)
+    po = torch.zeros(B, kv, ns, h // kv, d, device=device)
+    pm, pl = (torch.zeros(B, kv, ns, h // kv, device=device) for _ in range(2))
+    o = torch.empty(B, h * d, dtype=dtype, device=device)
+    attn_decode(q, kc, vc, length, kstart, o, po, pm, pl, d ** -0.5)
+    o_ref = F.scaled_dot_product_attention(q.view(B, kv, h // kv, d), kc[:, :, :L + 1], vc[:, :, :L + 1],
+                                           attn_mask=kvalid[:, None, None, :L + 1])
+    errs["attention"] = rel_error(o, o_ref.reshape(B, -1))
+    return errs
+
+
+@functools.cache
+def decode_ok(dtype: torch.dtype, device_index: int) -> bool:
+    """Whether the engine may run the Triton decode step on this CUDA device in `dtype` (checked once)."""
+    tol = CHECK_TOLERANCE.get(dtype, HALF_TOLERANCE)
+    return triton is not None and passes_check(
+        "Triton decode kernels", lambda: decode_errors(dtype, torch.device("cuda", device_index)), tol,
+        "the torch decode step")

@@ -42,6 +42,7 @@ class Mamba2Mixer(nn.Module):
         self.g_proj = nn.Linear(H, h * d, bias=False)  # W_G
         self.g_norm = GatedRMSNorm(d, eps=config.mamba_gate_norm_eps)
         self.ssd_backend = "auto"
+        self.ssd_backward: str | None = None  # fla's backward (`ops.kernel_report`); None: chosen on first use
 
     # -- parameters ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,7 +173,7 @@ class Mamba2Mixer(nn.Module):
         """The SSD over the conv output xc (b, l, conv_dim) with x = v, B = k, C = q: (y (b, l, h, d), final state
         (b, h, d, d)); fla-core on CUDA (`ops.ssd.ssd_packed`)."""
         return ssd_packed(xc, dt, A, self.num_heads, self.num_kv_heads, self.head_dim, initial_state=initial_state,
-                          backend=self.ssd_backend, chunk_size=self.chunk_size)
+                          backend=self.ssd_backend, chunk_size=self.chunk_size, backward=self.ssd_backward)
 
     def step(self, xBC, dt, A, conv_state, ssm_state, mask=None):
         """One token: xBC (b, conv_dim), dt (b, h) fp32, conv_state (b, conv_dim, k - 1), ssm_state (b, h, d, d)
@@ -192,6 +193,13 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u, mask=None, state=None):
         y = self.heads(u, mask, state)
         return self.o_proj(y.reshape(*u.shape[:2], -1))
+
+
+def set_ssd_backward(model: nn.Module, mode: str | None) -> None:
+    """Every Mamba-2 mixer of `model` trains with SSD backward `mode` (`ops.ssd_fla.MODE_NOTES`; None: its own)."""
+    for m in model.modules():
+        if isinstance(m, Mamba2Mixer):
+            m.ssd_backward = mode
 
 
 class SSMState:

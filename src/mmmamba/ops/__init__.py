@@ -1,7 +1,8 @@
 """Numerical kernels with a plain-torch reference beside every fast path."""
 
 from .conv import causal_conv1d, causal_conv1d_step
+from .kernels import kernel_report
 from .ssd import ssd
 from .ssd_ref import ssd_chunked, ssd_naive, ssd_step
 
-__all__ = ["causal_conv1d", "causal_conv1d_step", "ssd", "ssd_chunked", "ssd_naive", "ssd_step"]
+__all__ = ["causal_conv1d", "causal_conv1d_step", "kernel_report", "ssd", "ssd_chunked", "ssd_naive", "ssd_step"]

@@ -7,6 +7,13 @@ None. `conv_silu_ref` is `ops.conv.causal_conv1d` followed by SiLU. On CUDA `con
 forward and one backward (dx, and per-program partial sums of dw, db; the pre-activation is recomputed rather than
 stored) instead of the concatenation, k multiply-adds, SiLU and their autograd passes, after a one-off check of
 both against the reference.
+
+Prefill of the inference engine (no gradient, a chunk at a time): `fused_prefill` also takes the carried state
+(the k - 1 inputs before the chunk) and a padding mask, rounds as the model's torch ops round (weights, the sum
+and the SiLU in the model dtype; `conv_silu_prefill_ref`), and can write its output straight into the SSD's
+simple-GLA inputs (q, the group-repeated k, dt * v; `ops.gla_prep.gla_prep_ref`). One kernel
+(`_conv_silu_prefill_kernel`), checked once per device, dtype and layout (`prefill_ok`, asked through
+`ops.kernel_report(..., inference=True)`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import torch.nn.functional as F
 
 from .checked import cuda_index, passes_check, rel_error
 from .conv import causal_conv1d
+from .gla_prep import gla_prep_ref
 
 try:
     import triton
@@ -94,6 +102,63 @@ if triton is not None:
         tl.store(dx_ptr + seq * sdxb + rt[:, None] * sdxl + rc[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=(rt < L)[:, None] & cm[None, :])
 
+    @triton.jit
+    def _conv_silu_prefill_kernel(
+        z_ptr, stride_zb, stride_zt, st_ptr, w_ptr, b_ptr, m_ptr, o_ptr, L, C,
+        q_ptr, k_ptr, v_ptr, dt_ptr, KVD, H,
+        KC: tl.constexpr, HAS_STATE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BT: tl.constexpr, BC: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, REP: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        t = tl.program_id(1) * BT + tl.arange(0, BT)
+        c = tl.program_id(2) * BC + tl.arange(0, BC)
+        XDT = z_ptr.dtype.element_ty
+        cm = c < C
+        tm = t < L
+        acc = tl.zeros((BT, BC), tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + c, mask=cm, other=0.0).to(XDT).to(tl.float32)[None, :]
+        for j in tl.static_range(KC):
+            src = t - (KC - 1) + j
+            inside = (src >= 0) & tm
+            x = tl.load(z_ptr + b * stride_zb + src[:, None] * stride_zt + c[None, :],
+                        mask=inside[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            if HAS_MASK:
+                x = x * tl.load(m_ptr + b * L + src, mask=inside, other=0.0).to(tl.float32)[:, None]
+            if HAS_STATE:  # taps before the chunk come from the carried state (the last KC-1 inputs)
+                before = (src < 0) & tm
+                sidx = src + (KC - 1)
+                xs = tl.load(st_ptr + (b * C + c[None, :]) * (KC - 1) + sidx[:, None],
+                             mask=before[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                x = x + xs
+            acc += x * tl.load(w_ptr + c * KC + j, mask=cm, other=0.0).to(XDT).to(tl.float32)[None, :]
+        acc = acc.to(XDT).to(tl.float32)
+        y = (acc * tl.sigmoid(acc)).to(XDT).to(tl.float32)
+        if HAS_MASK:
+            y = y * tl.load(m_ptr + b * L + t, mask=tm, other=0.0).to(tl.float32)[:, None]
+        om = tm[:, None] & cm[None, :]
+        if SPLIT:  # straight into the SSD's layout: q (b, L, H, D), k and dt * v repeated over each group's heads
+            c0 = tl.program_id(2) * BC  # a column block lies inside one head (BC divides D): scalar routing
+            row = (b * L + t) * H
+            if c0 >= 2 * KVD:
+                hq = (c0 - 2 * KVD) // D
+                dq = (c0 - 2 * KVD) % D + tl.arange(0, BC)
+                tl.store(q_ptr + (row[:, None] + hq) * D + dq[None, :], y.to(XDT), mask=om)
+            else:
+                is_v = c0 < KVD
+                cc = tl.where(is_v, c0, c0 - KVD)
+                dd = cc % D + tl.arange(0, BC)
+                for r in tl.static_range(REP):
+                    head = (cc // D) * REP + r
+                    off = (row[:, None] + head) * D + dd[None, :]
+                    if is_v:
+                        dtv = tl.load(dt_ptr + row + head, mask=tm, other=0.0).to(XDT).to(tl.float32)
+                        tl.store(v_ptr + off, (y * dtv[:, None]).to(XDT), mask=om)
+                    else:
+                        tl.store(k_ptr + off, y.to(XDT), mask=om)
+        else:
+            tl.store(o_ptr + (b * L + t[:, None]) * C + c[None, :], y.to(XDT), mask=om)
+
 
 def _grid(x, bt: int = BT):
     B, L, C = x.shape
@@ -164,3 +229,96 @@ def _fused_ok(k: int, dtype: torch.dtype, has_bias: bool, device_index: int) -> 
     return triton is not None and passes_check(
         "fused conv+SiLU", lambda: fused_errors(k, dtype, torch.device("cuda", device_index), has_bias),
         CHECK_TOLERANCE, "torch ops")
+
+
+def split_ok(head_dim: int) -> bool:
+    """Whether `fused_prefill(split=...)` handles this head dim (column blocks inside one head)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def fused_prefill(xBC, weight, bias, state, mask, split=None):
+    """SiLU(causal depthwise conv(x)) with masked (padding) inputs and outputs zeroed, taps before the chunk from
+    `state` (b, C, k-1) (None: zeros). xBC (b, l, C) may be a strided view of the fused projection. Returns the
+    output (b, l, C) contiguous and the new state (the last k-1 masked inputs).
+
+    `split=(dt, heads, kv_heads, head_dim)`, C = [v | k | q] = 2 kv d + h d, dt (b, l, h) fp32: the output goes
+    straight into the SSD's simple-GLA inputs instead, each (b, l, h, d) contiguous: (q, k, dt * v) with k and v
+    repeated over the heads of their group, rounded as `ops.ssd_fla.gla_inputs` rounds them (dt to the model dtype
+    first); the output slot of the return value is then that triple. Saves the split's copies and the dt * v pass."""
+    b, L, C = xBC.shape
+    kc = weight.shape[1]
+    assert xBC.stride(2) == 1
+    mk = None if mask is None else mask.to(xBC.dtype).contiguous()
+    if split is None:
+        out = torch.empty(b, L, C, dtype=xBC.dtype, device=xBC.device)
+        q = k = v = dt = out
+        kvd, h, d, rep = 0, 1, 1, 1
+    else:
+        dt, h, kv, d = split
+        assert C == (2 * kv + h) * d and dt.shape == (b, L, h) and dt.is_contiguous()
+        q, k, v = (torch.empty(b, L, h, d, dtype=xBC.dtype, device=xBC.device) for _ in range(3))
+        out, kvd, rep = q, kv * d, h // kv
+    assert split is None or split_ok(d), f"split: head dim {d} is not a power of two >= 16"
+    BT, BC = 16, 128 if split is None else min(128, d)
+    _conv_silu_prefill_kernel[(b, triton.cdiv(L, BT), triton.cdiv(C, BC))](
+        xBC, xBC.stride(0), xBC.stride(1), state if state is not None else weight, weight,
+        bias if bias is not None else weight, mk if mk is not None else weight, out, L, C,
+        q, k, v, dt, kvd, h,
+        KC=kc, HAS_STATE=state is not None, HAS_MASK=mk is not None, HAS_BIAS=bias is not None,
+        BT=BT, BC=BC, SPLIT=split is not None, D=d, REP=rep, num_warps=4,
+    )
+    if split is not None:
+        out = (q, k, v)
+    tail = xBC[:, max(0, L - (kc - 1)):]
+    if mk is not None:
+        tail = tail * mk[:, max(0, L - (kc - 1)):, None]
+    prev = state if state is not None else xBC.new_zeros(b, C, kc - 1)
+    new_state = torch.cat([prev.to(xBC.dtype), tail.transpose(1, 2)], dim=-1)[..., -(kc - 1):].contiguous()
+    return out, new_state
+
+
+def conv_silu_prefill_ref(xBC, weight, bias, state, mask, split=None):
+    """The torch ops `fused_prefill` stands for: masked inputs, `causal_conv1d` from `state`, SiLU, masked
+    outputs; with `split=(dt, h, kv, d)` the SSD's simple-GLA inputs of that output (`gla_prep_ref`)."""
+    m = None if mask is None else mask[..., None].to(xBC.dtype)
+    x = xBC if m is None else xBC * m
+    y, new_state = causal_conv1d(x, weight, bias, state)
+    y = F.silu(y)
+    if m is not None:
+        y = y * m
+    if split is not None:
+        dt, h, kv, d = split
+        return gla_prep_ref(y, dt, h, kv, d), new_state
+    return y.contiguous(), new_state
+
+
+def prefill_errors(k: int, dtype: torch.dtype, device, has_bias: bool = True, head_dim: int | None = None,
+                   L: int = 37) -> dict[str, float]:
+    """Relative errors of `fused_prefill` against `conv_silu_prefill_ref` on random inputs: a strided slice of a
+    projection, a carried state, left padding on one row; with `head_dim`, the split layout (4 heads in 2 groups)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    h, kv, d = 4, 2, head_dim or 16
+    C = (2 * kv + h) * d
+    z = torch.randn(2, L, C + 16, device=device, generator=gen).to(dtype)
+    x = z[:, :, 8:8 + C]
+    w = (torch.randn(C, k, device=device, generator=gen) * 0.5).to(dtype)
+    b = (torch.randn(C, device=device, generator=gen) * 0.1).to(dtype) if has_bias else None
+    state = torch.randn(2, C, k - 1, device=device, generator=gen).to(dtype)
+    mask = torch.ones(2, L, dtype=torch.bool, device=device)
+    mask[1, :5] = False
+    split = None
+    if head_dim is not None:
+        split = (torch.nn.functional.softplus(torch.randn(2, L, h, device=device, generator=gen)), h, kv, d)
+    got, got_state = fused_prefill(x, w, b, state, mask, split)
+    want, want_state = conv_silu_prefill_ref(x, w, b, state, mask, split)
+    outs = zip(("q", "k", "v"), got, want) if split is not None else [("y", got, want)]
+    return {**{n: rel_error(a, r) for n, a, r in outs}, "state": rel_error(got_state, want_state)}
+
+
+@functools.cache
+def prefill_ok(k: int, dtype: torch.dtype, has_bias: bool, head_dim: int | None, device_index: int) -> bool:
+    """Whether `fused_prefill` may run on this CUDA device (checked once per layout; `head_dim`: the split one)."""
+    return triton is not None and passes_check(
+        "fused prefill conv+SiLU",
+        lambda: prefill_errors(k, dtype, torch.device("cuda", device_index), has_bias, head_dim), CHECK_TOLERANCE,
+        "torch ops")

@@ -46,11 +46,11 @@ class _FlaForwardTorchBackward(torch.autograd.Function):
 
 
 @torch.compiler.disable  # fla's kernels and autograd Functions stay outside compiled graphs
-def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
-    """fla-core `chunk_simple_gla` with q=C, k=B, v=dt*x, g=dt*A, scale=1 (CUDA only); the backward per
-    `ssd_fla.backward_mode`."""
+def ssd_fla(x, dt, A, B, C, D=None, initial_state=None, backward: str | None = None):
+    """fla-core `chunk_simple_gla` with q=C, k=B, v=dt*x, g=dt*A, scale=1 (CUDA only); the backward `backward`
+    (`ssd_fla.MODE_NOTES`), None: `ssd_fla.backward_mode`'s choice."""
     S0 = None if initial_state is None else initial_state.float()
-    mode = _fla_mode((x, dt, A, B, C, initial_state), B.shape[-1], x.shape[-1], x.device, x.shape[2])
+    mode = _fla_mode((x, dt, A, B, C, initial_state), B.shape[-1], x.shape[-1], x.device, x.shape[2], backward)
     if mode == "torch":
         y, S = _FlaForwardTorchBackward.apply(x, dt, A, B, C, S0)
     else:
@@ -58,10 +58,13 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None):
     return finish(y, x, D).to(x.dtype), S
 
 
-def _fla_mode(inputs, K: int, V: int, device, heads: int) -> str:
-    """`ssd_fla.backward_mode` where any input needs a gradient, else "native" (fla's forward alone)."""
+def _fla_mode(inputs, K: int, V: int, device, heads: int, backward: str | None) -> str:
+    """`backward` (or, None, `ssd_fla.backward_mode`) where any input needs a gradient, else "native" (fla's forward
+    alone)."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return _fla.backward_mode(K, V, device, heads) if needs_grad else "native"
+    if not needs_grad:
+        return "native"
+    return backward if backward is not None else _fla.backward_mode(K, V, device, heads)
 
 
 def ssd_gla(q, k, v, g, initial_state=None):
@@ -79,11 +82,13 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def ssd(x, dt, A, B, C, D=None, initial_state=None, backend: str = "auto", chunk_size: int = 64):
-    """Dispatch: "fla" on CUDA when fla-core imports, else the chunked torch implementation."""
+def ssd(x, dt, A, B, C, D=None, initial_state=None, backend: str = "auto", chunk_size: int = 64,
+        backward: str | None = None):
+    """Dispatch: "fla" on CUDA when fla-core imports (its backward `backward`, see `ssd_fla`), else the chunked torch
+    implementation."""
     backend = resolve_backend(backend, x)
     if backend == "fla":
-        return ssd_fla(x, dt, A, B, C, D, initial_state)
+        return ssd_fla(x, dt, A, B, C, D, initial_state, backward)
     if backend == "torch":
         return ssd_chunked(x, dt, A, B, C, D, initial_state, chunk_size=chunk_size)
     if backend == "naive":
@@ -91,24 +96,25 @@ def ssd(x, dt, A, B, C, D=None, initial_state=None, backend: str = "auto", chunk
     raise ValueError(f"unknown SSD backend {backend!r}; use 'auto', 'fla', 'torch' or 'naive'")
 
 
-def ssd_packed(xc, dt, A, h: int, kv: int, d: int, initial_state=None, backend: str = "auto", chunk_size: int = 64):
+def ssd_packed(xc, dt, A, h: int, kv: int, d: int, initial_state=None, backend: str = "auto", chunk_size: int = 64,
+               backward: str | None = None):
     """The SSD of the mixer's conv output xc (b, l, [x | B | C]) with x, B over kv heads (repeated to the h heads)
     and C over h heads, head size d. On CUDA with fla and a kernel backward, the inputs go to fla in its own form
     straight from xc (`ops.gla_prep`: no split, repeat or product tensors of the torch path); otherwise `ssd` on
     the split. Returns (y (b, l, h, d), final state)."""
     if resolve_backend(backend, xc) == "fla":
-        out = _ssd_packed_fla(xc, dt, A, h, kv, d, initial_state)
+        out = _ssd_packed_fla(xc, dt, A, h, kv, d, initial_state, backward)
         if out is not None:
             return out
     x, B, C = split_heads(xc, h, kv, d)
-    return ssd(x, dt, A, B, C, initial_state=initial_state, backend=backend, chunk_size=chunk_size)
+    return ssd(x, dt, A, B, C, initial_state=initial_state, backend=backend, chunk_size=chunk_size, backward=backward)
 
 
 @torch.compiler.disable  # fla's kernels and ours stay outside compiled graphs
-def _ssd_packed_fla(xc, dt, A, h, kv, d, initial_state):
+def _ssd_packed_fla(xc, dt, A, h, kv, d, initial_state, backward):
     """fla's simple GLA on `gla_prep`'s inputs, with the backward of `ssd_fla.backward_mode`; None for its "torch"
     mode (the torch backward recomputes from the split inputs)."""
-    mode = _fla_mode((xc, dt, A, initial_state), d, d, xc.device, h)
+    mode = _fla_mode((xc, dt, A, initial_state), d, d, xc.device, h, backward)
     if mode == "torch":
         return None
     S0 = None if initial_state is None else initial_state.float()

@@ -9,13 +9,13 @@ Backward, chosen once per (device, state sizes) by `backward_mode`:
   torch reference on random inputs, and of those that pass the faster one at the model's head shape is kept (at
   head dim 64 a 128-wide tile is half padding);
 - "torch": fla's forward and a backward that recomputes the chunked torch algorithm (when no width passes).
-`MMMAMBA_SSD_BACKWARD=native|bk32|bk128|torch` forces a mode.
+A mode can be forced with the SSD's `backward` argument (the trainer passes `MMMAMBA_SSD_BACKWARD=native|bk32|bk128|
+torch` there, see `ops.kernel_report`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
@@ -199,11 +199,6 @@ def _tile_mode(K: int, V: int, device_index: int, heads: int = 2) -> str:
 def backward_mode(K: int, V: int, device: torch.device, heads: int = 2) -> str:
     """"native", "bk32", "bk128" or "torch" for SSD gradients on this CUDA device (see the module docstring). `heads`:
     the model's head count, so that the check and the timing use the shapes training uses."""
-    forced = os.environ.get("MMMAMBA_SSD_BACKWARD")
-    if forced:
-        if forced not in MODE_NOTES:
-            raise ValueError(f"MMMAMBA_SSD_BACKWARD={forced!r}: use native, bk32, bk128 or torch")
-        return forced
     if fla_backward_ok():
         return "native"
     return _tile_mode(K, V, cuda_index(device), heads)
