@@ -41,7 +41,7 @@ def layer_metrics(student, acts) -> dict:
 
 
 def seeded(teacher, placement, init: str, calib) -> torch.nn.Module:
-    from mmmamba.seed import seed_student
+    from mmmamba.distill.seed import seed_student
 
     s = seed_student(teacher, placement, mode="mimic").eval()
     if init == "calibrated":

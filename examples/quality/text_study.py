@@ -203,8 +203,8 @@ def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
 
     from mmmamba.distill.gate_calibration import calibrate_gates, capture_attention
     from mmmamba.distill.manifest import make_manifest, teacher_identity
+    from mmmamba.distill.seed import seed_student
     from mmmamba.io import save_model
-    from mmmamba.seed import seed_student
     from mmmamba.teachers.hf import load_teacher, resolve_teacher
 
     path = resolve_teacher(args.teacher)

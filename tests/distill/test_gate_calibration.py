@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmmamba.distill.gate_calibration import calibrate_gates, capture_attention
-from mmmamba.seed import seed_student
+from mmmamba.distill.seed import seed_student
 
 
 def _mse(student, acts):

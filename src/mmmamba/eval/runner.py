@@ -104,7 +104,7 @@ class Prompter:
             text = self.tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                 add_generation_prompt=True)
         elif self.chat and getattr(self.model.config, "template", None) == "internlm2-chat":
-            from ..teachers.hovle import internlm2_chat_prompt
+            from ..models.chat_prompt import internlm2_chat_prompt
 
             text = internlm2_chat_prompt(text)
         return text, None
