@@ -17,7 +17,7 @@ FLOORS = [
     {"models"},                           # config, decoder, cache, placement specs, reference generation
     {"io", "__init__"},                   # checked save / load; the package's face
     {"data", "teachers", "inference"},    # corpora; teacher adapters; the serving engine
-    {"distill", "bench", "eval"},         # training, benchmarks, metrics
+    {"distill", "bench", "eval", "serve"},  # training, benchmarks, metrics, the web demo
     {"demo"},                             # the offline demo run
     {"cli"},                              # `mmmamba ...`
 ]

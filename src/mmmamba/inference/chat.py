@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.chat_prompt import INTERNLM2_CHAT_SYSTEM
 from ..models.generate import eos_ids
 from ..models.image_processing import (
     IMAGE_PLACEHOLDER,
@@ -103,8 +104,6 @@ class Conversation:
         if getattr(tok, "chat_template", None):
             return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         if getattr(self.model.config, "template", None) == "internlm2-chat":
-            from ..teachers.hovle import INTERNLM2_CHAT_SYSTEM
-
             text = f"<|im_start|>system\n{INTERNLM2_CHAT_SYSTEM}<|im_end|>"
             text += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>" for m in msgs)
             return text + "<|im_start|>assistant\n"
