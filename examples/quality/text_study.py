@@ -268,6 +268,8 @@ def cmd_warmup(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"phase": "warmup", "env": environment(), "command": args.command_line, "runs": {}}
     for name, placement in (("hybrid", "every:4"), ("linear", None)):
+        if args.only and name != args.only:
+            continue
         run = distill(args.teacher, Path(args.work) / f"warmup_{name}", placement, stage_settings(args),
                       data=packed_data(tokens, args.seq_len), cuda_graph=device == "cuda")
         for s in run["stages"].values():
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stage-seconds", default="50,55,75")
     t.set_defaults(func=cmd_student)
     w = sub.add_parser("warmup")
+    w.add_argument("--only", choices=["hybrid", "linear"], help="warm up one student only")
     w.set_defaults(func=cmd_warmup)
     for q in (t, w):
         q.add_argument("--steps", default="150,150,100", help="optimizer steps of stages 1,2,3")
