@@ -30,6 +30,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -440,6 +441,48 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+@dataclass
+class Progress:
+    """What a checkpoint keeps of the loop (step, tokens, elapsed seconds, the recent losses) and the current
+    logging window (sums since the last log record)."""
+
+    keep_recent: int = 1
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    recent: list = field(default_factory=list)
+    window: dict = field(default_factory=lambda: {"loss": 0.0, "n": 0, "tokens": 0, "t": 0.0, "extra": {}})
+    last: dict = field(default_factory=dict)  # the last log record
+    last_rate: float = 0.0  # tokens/s of the last step
+
+    def add(self, loss: float, tokens: int, dt: float, extra: dict) -> None:
+        self.tokens += tokens
+        self.elapsed += dt
+        self.recent = (self.recent + [loss])[-self.keep_recent:]
+        self.last_rate = tokens / max(dt, 1e-9)
+        w = self.window
+        w["loss"], w["n"], w["tokens"], w["t"] = w["loss"] + loss, w["n"] + 1, w["tokens"] + tokens, w["t"] + dt
+        for k, v in extra.items():
+            w["extra"][k] = w["extra"].get(k, 0.0) + v
+
+    def record(self, lr: float, grad_norm, epoch: int) -> dict:
+        """The log record of the window (means over its steps), which then restarts."""
+        w = self.window
+        rec = {"step": self.step, "loss": w["loss"] / w["n"], "lr": lr,
+               "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": self.tokens,
+               "tokens_per_s": w["tokens"] / max(w["t"], 1e-9), "elapsed_s": self.elapsed, "epoch": epoch}
+        for k, v in w["extra"].items():
+            v = v / w["n"]
+            rec[k] = v.tolist() if v.dim() else float(v)
+        self.last = rec
+        self.window = {"loss": 0.0, "n": 0, "tokens": 0, "t": 0.0, "extra": {}}
+        return rec
+
+    def state(self, data: dict) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "recent_losses": self.recent,
+                "data": data}
+
+
 class StageRunner:
     """One stage of a recipe. `data`: None (build from the recipe with `build_dataloader`), an iterable of batch
     dicts, or a callable (stage_cfg, tokenizer, model_config, micro_batch_size, seed) -> iterable."""
@@ -548,13 +591,26 @@ class StageRunner:
 
     # -- main -------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        from accelerate import Accelerator
-        from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs
+        """Set up, build the student and the stage module, restore a checkpoint when resuming, train, save."""
+        self._setup()
+        if self._already_complete():
+            return self.final_dir
+        ckpt = self._checkpoint_to_resume()
+        teacher, tid, tokenizer = self._load_teacher()
+        student, state, links = self._build_student(ckpt, teacher, tid, tokenizer)
+        run = self._build_stage(student, teacher, tokenizer, tid, links)
+        prog = self._restore(run, ckpt, state)
+        self._loop(run, prog)
+        return self._finish(run, prog)
 
-        from ..teachers.hf import load_teacher, resolve_teacher
+    def _setup(self) -> None:
+        """The stage's Accelerator (its own precision / FSDP settings) and seed."""
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, set_seed
 
         recipe, cfg, stage = self.recipe, self.cfg, self.stage
-        precision = _precision(recipe)
+        self.precision = _precision(recipe)
         plugin = None
         if recipe.distributed == "fsdp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             if not torch.cuda.is_available():
@@ -564,38 +620,49 @@ class StageRunner:
                 plugin = _fsdp_plugin()
             else:  # the layer-wise walk reads sub-modules of each layer directly, which FSDP units do not allow
                 self._log(f"stage {stage}: FSDP applies to stage 3 only; stages 1-2 use DDP")
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state()  # each stage its own precision / FSDP settings (keeps the process group)
-        self.acc = acc = Accelerator(
+        self.acc = Accelerator(
             cpu=not torch.cuda.is_available(),  # several CPU processes (torchrun) then form a gloo group
-            mixed_precision=precision,
+            mixed_precision=self.precision,
             # a captured graph must cast the fp32 weights itself on every replay: no autocast weight cache
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False),
                              AutocastKwargs(cache_enabled=not cfg.cuda_graph)],
             fsdp_plugin=plugin,
         )
-        from accelerate.utils import set_seed
-
         set_seed(recipe.seed * 10 + stage)  # fresh runs are reproducible; a resumed run restores its RNG states
+
+    def _already_complete(self) -> bool:
+        """True when this stage's output is complete and --resume skips it; without --resume, refuse."""
         final_manifest = read_manifest(self.final_dir) if self.final_dir.is_dir() else None
-        if final_manifest is not None and final_manifest.get("complete"):
-            if self.resume:
-                self.log(f"stage {stage}: already complete at {self.final_dir}; skipping")
-                return self.final_dir
-            raise ChainError(f"stage {stage} output {self.final_dir} already exists; pass --resume to skip it, "
+        if final_manifest is None or not final_manifest.get("complete"):
+            return False
+        if not self.resume:
+            raise ChainError(f"stage {self.stage} output {self.final_dir} already exists; pass --resume to skip it, "
                              "or choose another --out")
+        self.log(f"stage {self.stage}: already complete at {self.final_dir}; skipping")
+        return True
+
+    def _checkpoint_to_resume(self) -> Path | None:
         ckpt = latest_checkpoint(self.ckpt_dir)
         if ckpt is not None and not self.resume:
-            raise ChainError(f"stage {stage} has checkpoints in {self.ckpt_dir}; pass --resume to continue from "
-                             f"{ckpt.name}, or delete that folder to start over")
+            raise ChainError(f"stage {self.stage} has checkpoints in {self.ckpt_dir}; pass --resume to continue "
+                             f"from {ckpt.name}, or delete that folder to start over")
+        return ckpt
+
+    def _load_teacher(self):
+        """(teacher in fp32, frozen; its identity; its tokenizer or None)."""
+        from ..teachers.hf import load_teacher, resolve_teacher
 
         teacher_path = resolve_teacher(self.teacher_spec)
         tid = teacher_identity(teacher_path, spec=str(self.teacher_spec))
         tokenizer = _load_tokenizer(teacher_path)
         teacher = load_teacher(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
+        return teacher, tid, tokenizer
 
-        # ---- the student: a checkpoint to resume, else the previous stage's output (checked)
+    def _build_student(self, ckpt, teacher, tid, tokenizer):
+        """The student: from a checkpoint to resume, else the previous stage's output (checked); stage 3 places
+        attention layers. Returns (student, trainer state or None, {"chain", "placement"})."""
+        stage, recipe, cfg = self.stage, self.recipe, self.cfg
         state = None
         if ckpt is not None:
             man = read_manifest(ckpt) or {}
@@ -603,7 +670,7 @@ class StageRunner:
                 raise ChainError(f"checkpoint {ckpt} belongs to another teacher than {self.teacher_spec!r}")
             student = MMMambaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
             state = json.loads((ckpt / "trainer" / "state.json").read_text())
-            chain, placement_info = man.get("chain", []), man.get("placement")
+            links = {"chain": man.get("chain", []), "placement": man.get("placement")}
             self.log(f"stage {stage}: resuming from {ckpt} (step {state['step']})")
         else:
             in_dir, expected = self._input_dir()
@@ -615,31 +682,54 @@ class StageRunner:
             student = MMMambaForCausalLM.from_pretrained(in_dir, dtype=torch.float32)
             if list(student.config.layer_types) != list(in_man.get("layer_types", student.config.layer_types)):
                 raise ChainError(f"{in_dir}: config layer_types differ from its manifest's")
-            chain, placement_info = chain_after(in_man, in_dir), None
+            links = {"chain": chain_after(in_man, in_dir), "placement": None}
             self.log(f"stage {stage}: starting from {in_dir} ({in_man['stage']})")
         check_shared_weights(student, teacher)
         if stage == 3 and ckpt is None:
-            student, placement_info = self._place(student, teacher, tokenizer)
+            student, links["placement"] = self._place(student, teacher, tokenizer)
+        return student, state, links
+
+    def _build_stage(self, student, teacher, tokenizer, tid, links) -> dict:
+        """The stage module (student + teacher + loss), prepared by accelerate, with its optimizer, scheduler and
+        data stream: the run's context `ctx` for the loop and the checkpoints."""
+        stage, recipe, cfg, acc = self.stage, self.recipe, self.cfg, self.acc
         names = set_trainable(student, stage, cfg.train_a if stage == 3 else False, cfg.trainable)
         n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in student.parameters())
         self.log(f"stage {stage}: {len(names)} trainable tensors, {n_train:,} of {n_all:,} parameters "
                  f"({100 * n_train / n_all:.2f} %); layers (A attention, M Mamba-2): "
                  + "".join("M" if t == MAMBA2 else "A" for t in student.config.layer_types))
+        tdtype = _teacher_dtype(recipe, self.precision)
+        module, teacher = self._stage_module(student, teacher, tdtype)
+        self._choose_kernels(student, acc.device, torch.bfloat16 if self.precision == "bf16" else torch.float32,
+                             tdtype if stage in (1, 2) else None)
+        no_decay = no_decay_ids(module)
+        module = acc.prepare(module)
+        optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda", no_decay=no_decay)
+        optimizer = acc.prepare(optimizer)
+        scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg)
+        # not prepared by accelerate: DataStream shards one global batch sequence (same samples per step for any
+        # process count) and moves the batches to the device
+        stream = DataStream(self._build_data(tokenizer, student.config), acc, recipe.seed)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        accum = cfg.accumulation(acc.num_processes)
+        return dict(module=module, optimizer=optimizer, scheduler=scheduler, stream=stream, tid=tid, names=names,
+                    chain=links["chain"], tokenizer=tokenizer, placement=links["placement"], accum=accum,
+                    trainable=trainable, micro_step=self._micro_step(module, accum, trainable))
 
-        # ---- the stage module
-        tdtype = _teacher_dtype(recipe, precision)
-        loss_cfg = cfg.loss
+    def _stage_module(self, student, teacher, tdtype):
+        """(LayerwiseDistill for stages 1-2 (the teacher moves into its stream) or EndToEndDistill, teacher or
+        None); compiled per layer under `compile`."""
+        stage, cfg, loss_cfg = self.stage, self.cfg, self.cfg.loss
         if stage in (1, 2):
             module = LayerwiseDistill(student, teacher.to(tdtype), target=loss_cfg["target"],
                                       factor=loss_cfg["factor"], gradient_checkpointing=cfg.gradient_checkpointing,
                                       compile=cfg.compile)
-            del teacher
             teacher = None
         else:
             if cfg.gradient_checkpointing:
                 enable_checkpointing(student)
-            teacher = teacher.to(acc.device, tdtype)
+            teacher = teacher.to(self.acc.device, tdtype)
             module = EndToEndDistill(student, teacher, temperature=loss_cfg["temperature"],
                                      positions=loss_cfg["positions"], ce_weight=loss_cfg["ce_weight"],
                                      chunk_size=loss_cfg["chunk_size"], gather_rows=not cfg.cuda_graph)
@@ -652,25 +742,18 @@ class StageRunner:
                 n = compile_mixers(student)
                 self.log(f"stage {stage}: torch.compile on the teacher's layer step and {n} Mamba-2 mixers "
                          "(first steps compile)")
-        self._choose_kernels(student, acc.device, torch.bfloat16 if precision == "bf16" else torch.float32,
-                             tdtype if stage in (1, 2) else None)
-        no_decay = no_decay_ids(module)
-        module = acc.prepare(module)
-        optimizer = build_optimizer(module, cfg, fused=acc.device.type == "cuda", no_decay=no_decay)
-        optimizer = acc.prepare(optimizer)
-        scheduler = build_scheduler(getattr(optimizer, "optimizer", optimizer), cfg)
-        accum = cfg.accumulation(acc.num_processes)
+        return module, teacher
 
-        # not prepared by accelerate: DataStream shards one global batch sequence (same samples per step for any
-        # process count) and moves the batches to the device
-        stream = DataStream(self._build_data(tokenizer, student.config), acc, recipe.seed)
-
-        step, tokens, elapsed, recent = 0, 0, 0.0, []
+    def _restore(self, ctx, ckpt, state) -> Progress:
+        """Progress at the start: a checkpoint's (optimizer, scheduler, data position, RNG states, log) or zero."""
+        acc, stream = self.acc, ctx["stream"]
+        prog = Progress(keep_recent=max(1, self.cfg.steps // 10))
         if state is not None:
-            step, tokens, elapsed, recent = state["step"], state["tokens"], state["elapsed_s"], state["recent_losses"]
+            prog.step, prog.tokens, prog.elapsed = state["step"], state["tokens"], state["elapsed_s"]
+            prog.recent = state["recent_losses"]
             osd = torch.load(ckpt / "trainer" / "optimizer.pt", map_location="cpu", weights_only=True)
-            _load_optimizer_state(acc, module, optimizer, osd)
-            scheduler.load_state_dict(json.loads((ckpt / "trainer" / "scheduler.json").read_text()))
+            _load_optimizer_state(acc, ctx["module"], ctx["optimizer"], osd)
+            ctx["scheduler"].load_state_dict(json.loads((ckpt / "trainer" / "scheduler.json").read_text()))
             d = state["data"]
             stream.start(d["epoch"], d["batch_in_epoch"], d.get("global_batch"))
             from safetensors.torch import load_file
@@ -679,92 +762,97 @@ class StageRunner:
             rng_js = json.loads((ckpt / "trainer" / f"rng_{r}.json").read_text())
             set_rng_state(rng_js, load_file(str(ckpt / "trainer" / f"rng_{r}.safetensors")))
             if acc.is_main_process:
-                _truncate_jsonl(self.jsonl, step)
+                _truncate_jsonl(self.jsonl, prog.step)
         else:
             stream.start(0, 0)
             if acc.is_main_process and self.jsonl.exists():
                 self.jsonl.unlink()
         self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+        return prog
 
-        ctx = dict(module=module, optimizer=optimizer, scheduler=scheduler, stream=stream, tid=tid, names=names,
-                   chain=chain, tokenizer=tokenizer, placement=placement_info)
-        keep_recent = max(1, cfg.steps // 10)
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=step, desc=f"stage {stage}", unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and acc.is_main_process))
-        win = {"loss": 0.0, "n": 0, "tokens": 0, "t": 0.0, "extra": {}}
-        trainable = [p for p in module.parameters() if p.requires_grad]
-        micro_step = self._micro_step(module, accum, trainable)
-        last = {}
+    # -- the loop -----------------------------------------------------------------------------------------
+    def _loop(self, ctx, prog: Progress) -> None:
+        """Optimizer steps until cfg.steps: accumulate the micro-batches, step, log, checkpoint."""
+        cfg, stream = self.cfg, ctx["stream"]
+        bar = self._bar(prog.step)
         try:
-            while step < cfg.steps:
+            while prog.step < cfg.steps:
                 t0 = time.perf_counter()
-                step_loss, step_tokens, extra = 0.0, 0, {}
-                for micro in range(accum):
-                    batch = stream.next()
-                    sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(module)
-                    with sync:
-                        loss, metrics = micro_step(batch)
-                    step_loss += loss.detach().float() / accum
-                    am = batch.get("attention_mask")
-                    step_tokens += int(am.sum()) if am is not None else batch["input_ids"].numel()
-                    for k, v in metrics.items():
-                        if k.endswith("_tokens"):
-                            continue
-                        extra[k] = extra.get(k, 0.0) + v.detach().float() / accum
-                grad_norm = None
-                if cfg.grad_clip:
-                    grad_norm = acc.clip_grad_norm_(trainable, cfg.grad_clip)
-                lr_used = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=not cfg.cuda_graph)  # a graph's gradient tensors stay
-                step += 1
-                loss_val = float(acc.reduce(step_loss.detach(), reduction="mean"))
-                step_tokens = int(acc.reduce(torch.tensor(step_tokens, device=acc.device), reduction="sum"))
-                extra = {k: acc.reduce(v, reduction="mean").cpu() for k, v in extra.items()}
-                dt = time.perf_counter() - t0
-                tokens += step_tokens
-                elapsed += dt
-                recent = (recent + [loss_val])[-keep_recent:]
-                win["loss"] += loss_val
-                win["n"] += 1
-                win["tokens"] += step_tokens
-                win["t"] += dt
-                for k, v in extra.items():
-                    win["extra"][k] = win["extra"].get(k, 0.0) + v
+                loss, tokens, extra = self._accumulate(ctx)
+                grad_norm, lr = self._optimizer_step(ctx)
+                prog.step += 1
+                loss, tokens, extra = self._reduce(loss, tokens, extra)
+                prog.add(loss, tokens, time.perf_counter() - t0, extra)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4g}", tok_s=f"{step_tokens / max(dt, 1e-9):,.0f}")
-                if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-                    rec = {"step": step, "loss": win["loss"] / win["n"], "lr": lr_used,
-                           "grad_norm": None if grad_norm is None else float(grad_norm), "tokens": tokens,
-                           "tokens_per_s": win["tokens"] / max(win["t"], 1e-9), "elapsed_s": elapsed,
-                           "epoch": stream.epoch}
-                    for k, v in win["extra"].items():
-                        v = v / win["n"]
-                        rec[k] = v.tolist() if v.dim() else float(v)
-                    last = rec
-                    if acc.is_main_process:
-                        with open(self.jsonl, "a") as fh:
-                            fh.write(json.dumps(rec) + "\n")
-                    win = {"loss": 0.0, "n": 0, "tokens": 0, "t": 0.0, "extra": {}}
-                st = {"step": step, "tokens": tokens, "elapsed_s": elapsed, "recent_losses": recent,
-                      "data": stream.state()}
-                if step % cfg.save_every == 0 and step < cfg.steps:
-                    self._save_checkpoint(ctx, st, last)
-                    if acc.is_main_process and self.jsonl.exists():
-                        plot_loss(self.jsonl, self.png, f"{self.recipe.name}: stage {stage}")
-                if self.stop_after is not None and step >= self.stop_after and step < cfg.steps:
-                    raise StopTraining(f"stopped after step {step}")
+                bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{prog.last_rate:,.0f}")
+                if prog.step % cfg.log_every == 0 or prog.step in (1, cfg.steps):
+                    self._write_log(prog.record(lr, grad_norm, stream.epoch))
+                if prog.step % cfg.save_every == 0 and prog.step < cfg.steps:
+                    self._save_checkpoint(ctx, prog.state(stream.state()), prog.last)
+                    self._plot()
+                if self.stop_after is not None and self.stop_after <= prog.step < cfg.steps:
+                    raise StopTraining(f"stopped after step {prog.step}")
         finally:
             bar.close()
-        final_metrics = {"loss": float(np.mean(recent)) if recent else None, "loss_last": last.get("loss"),
+
+    def _accumulate(self, ctx):
+        """Forward + backward over `accum` micro-batches (gradients synchronised on the last):
+        (mean loss tensor, target tokens, {metric: mean tensor})."""
+        acc, module, accum = self.acc, ctx["module"], ctx["accum"]
+        step_loss, step_tokens, extra = 0.0, 0, {}
+        for micro in range(accum):
+            batch = ctx["stream"].next()
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(module)
+            with sync:
+                loss, metrics = ctx["micro_step"](batch)
+            step_loss += loss.detach().float() / accum
+            am = batch.get("attention_mask")
+            step_tokens += int(am.sum()) if am is not None else batch["input_ids"].numel()
+            for k, v in metrics.items():
+                if not k.endswith("_tokens"):
+                    extra[k] = extra.get(k, 0.0) + v.detach().float() / accum
+        return step_loss, step_tokens, extra
+
+    def _optimizer_step(self, ctx):
+        """Clip, step, schedule, zero: (gradient norm before clipping or None, the lr used)."""
+        cfg, optimizer, scheduler = self.cfg, ctx["optimizer"], ctx["scheduler"]
+        grad_norm = self.acc.clip_grad_norm_(ctx["trainable"], cfg.grad_clip) if cfg.grad_clip else None
+        lr_used = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=not cfg.cuda_graph)  # a graph's gradient tensors stay
+        return grad_norm, lr_used
+
+    def _reduce(self, loss, tokens, extra):
+        """Across processes: (mean loss, summed tokens, mean metrics on the host)."""
+        acc = self.acc
+        loss = float(acc.reduce(loss.detach(), reduction="mean"))
+        tokens = int(acc.reduce(torch.tensor(tokens, device=acc.device), reduction="sum"))
+        return loss, tokens, {k: acc.reduce(v, reduction="mean").cpu() for k, v in extra.items()}
+
+    def _bar(self, initial: int):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.steps, initial=initial, desc=f"stage {self.stage}", unit="step",
+                    dynamic_ncols=True, disable=not (self.progress and self.acc.is_main_process))
+
+    def _write_log(self, rec: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.jsonl, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def _plot(self) -> None:
+        if self.acc.is_main_process and self.jsonl.exists():
+            plot_loss(self.jsonl, self.png, f"{self.recipe.name}: stage {self.stage}")
+
+    def _finish(self, ctx, prog: Progress) -> Path:
+        last = prog.last
+        final_metrics = {"loss": float(np.mean(prog.recent)) if prog.recent else None, "loss_last": last.get("loss"),
                          **{k: v for k, v in last.items() if k in ("kl", "ce", "layer_mse")},
-                         "tokens": tokens, "elapsed_s": elapsed}
-        self._save_final(ctx, step, tokens, final_metrics)
-        self.log(f"stage {stage}: done, {step} steps, {tokens:,} tokens, final loss {final_metrics['loss']:.5g} "
-                 f"-> {self.final_dir}")
+                         "tokens": prog.tokens, "elapsed_s": prog.elapsed}
+        self._save_final(ctx, prog.step, prog.tokens, final_metrics)
+        self.log(f"stage {self.stage}: done, {prog.step} steps, {prog.tokens:,} tokens, final loss "
+                 f"{final_metrics['loss']:.5g} -> {self.final_dir}")
         return self.final_dir
 
     def _micro_step(self, module, accum: int, trainable: list):
