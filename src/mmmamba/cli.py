@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,7 @@ def _load_tokenizer(path):
 
 def cmd_seed(args) -> int:
     from .distill.seed import seed_student
-    from .io import save_model
+    from .io import json_text, save_model
     from .teachers.hf import load_teacher, resolve_teacher
 
     if args.attention_layers and args.placement:
@@ -36,7 +35,7 @@ def cmd_seed(args) -> int:
 
     manifest = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
                              init=args.init, seed=args.seed)
-    save_model(student, args.out, _load_tokenizer(path), {"mmmamba_manifest.json": json.dumps(manifest, indent=2)})
+    save_model(student, args.out, _load_tokenizer(path), {"mmmamba_manifest.json": json_text(manifest, indent=2)})
     n_attn = len(student.config.attention_layers)
     print(f"seeded {args.out}: {len(student.config.mamba_layers)} Mamba-2 + {n_attn} attention layers "
           f"(attention at {student.config.attention_layers})")
@@ -396,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distill.trainer import NonFiniteError
     args = build_parser().parse_args(argv)
     # keep Triton's autotuning results on disk beside its compiled kernels: fla-core autotunes each of its SSD
     # kernels on first use (minutes for a training step's forward and backward), once per machine instead of per run
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.dump_traceback_later(float(hang_s), repeat=True)
     try:
         return args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as e:
         print(f"mmmamba {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -33,6 +34,22 @@ def atomic_dir(out: str | os.PathLike):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finite_json(obj):
+    """`obj` with every non-finite float (nan, inf) replaced by None, recursively: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj, **kw) -> str:
+    """json.dumps that always writes valid JSON: non-finite floats become null (never a bare NaN)."""
+    return json.dumps(finite_json(obj), allow_nan=False, **kw)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..io import json_text
 
 MANIFEST_NAME = "mmmamba_manifest.json"
 FORMAT = "mmmamba-manifest/1"
@@ -104,7 +105,7 @@ def chain_after(manifest: dict, path: str | os.PathLike) -> list:
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
     p = Path(folder) / MANIFEST_NAME
-    p.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    p.write_text(json_text(manifest, indent=2, sort_keys=False) + "\n")
     return p
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_dir, atomic_write_text
+from ..io import atomic_dir, atomic_write_text, json_text
 from ..models import MAMBA2, MMMambaForCausalLM
 from .compile import compile_layers, compile_mixers
 from .manifest import (
@@ -64,6 +64,10 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 class StopTraining(Exception):
     """Raised by `stop_after` (tests: simulate an interruption)."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm became nan / inf: the run stopped before that update."""
 
 
 # --------------------------------------------------------------------------------------------- optimisation
@@ -569,7 +573,7 @@ class StageRunner:
             student = seed_student(teacher, None, mode=self.recipe.init, seed=self.recipe.seed)
             man = make_manifest("seed", tid, student.config.layer_types, recipe=self.recipe.to_dict(),
                                 init=self.recipe.init, seed=self.recipe.seed)
-            save_model(student, path, tokenizer, {"mmmamba_manifest.json": json.dumps(man, indent=2) + "\n"})
+            save_model(student, path, tokenizer, {"mmmamba_manifest.json": json_text(man, indent=2) + "\n"})
             self.log(f"seeded student ({self.recipe.init}) -> {path}")
         self.acc.wait_for_everyone()
         return path
@@ -779,9 +783,11 @@ class StageRunner:
             while prog.step < cfg.steps:
                 t0 = time.perf_counter()
                 loss, tokens, extra = self._accumulate(ctx)
-                grad_norm, lr = self._optimizer_step(ctx)
-                prog.step += 1
+                grad_norm = self._clip(ctx)
                 loss, tokens, extra = self._reduce(loss, tokens, extra)
+                self._check_finite(prog.step + 1, loss, grad_norm, ctx)
+                lr = self._optimizer_step(ctx)
+                prog.step += 1
                 prog.add(loss, tokens, time.perf_counter() - t0, extra)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{prog.last_rate:,.0f}")
@@ -813,15 +819,34 @@ class StageRunner:
                     extra[k] = extra.get(k, 0.0) + v.detach().float() / accum
         return step_loss, step_tokens, extra
 
-    def _optimizer_step(self, ctx):
-        """Clip, step, schedule, zero: (gradient norm before clipping or None, the lr used)."""
+    def _clip(self, ctx):
+        """The gradient norm before clipping to grad_clip (None without clipping)."""
+        return self.acc.clip_grad_norm_(ctx["trainable"], self.cfg.grad_clip) if self.cfg.grad_clip else None
+
+    def _optimizer_step(self, ctx) -> float:
+        """Step, schedule, zero the gradients; returns the lr used."""
         cfg, optimizer, scheduler = self.cfg, ctx["optimizer"], ctx["scheduler"]
-        grad_norm = self.acc.clip_grad_norm_(ctx["trainable"], cfg.grad_clip) if cfg.grad_clip else None
         lr_used = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=not cfg.cuda_graph)  # a graph's gradient tensors stay
-        return grad_norm, lr_used
+        return lr_used
+
+    def _check_finite(self, step: int, loss: float, grad_norm, ctx) -> None:
+        """Stop before applying step `step` when its loss or gradient norm is nan / inf, naming the last good
+        checkpoint (the update is not applied, so no checkpoint ever holds its weights)."""
+        gn = None if grad_norm is None else float(grad_norm)
+        if math.isfinite(loss) and (gn is None or math.isfinite(gn)):
+            return
+        self._write_log({"step": step, "loss": loss, "grad_norm": gn, "stopped": "non-finite loss or gradient norm"})
+        ckpt = latest_checkpoint(self.ckpt_dir)
+        where = (f"the last good checkpoint is {ckpt} (step {int(ckpt.name[5:])}); continue from it with --resume "
+                 "after the change (and --allow-changed)" if ckpt is not None
+                 else "no checkpoint was written yet in this stage")
+        raise NonFiniteError(
+            f"stage {self.stage}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
+            f"{loss if not math.isfinite(loss) else gn} at step {step}; stopped before that update. {where}. "
+            f"Lower the learning rate (lr {self.cfg.lr:g}) or check the data.")
 
     def _reduce(self, loss, tokens, extra):
         """Across processes: (mean loss, summed tokens, mean metrics on the host)."""
@@ -839,7 +864,7 @@ class StageRunner:
     def _write_log(self, rec: dict) -> None:
         if self.acc.is_main_process:
             with open(self.jsonl, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+                fh.write(json_text(rec) + "\n")
 
     def _plot(self) -> None:
         if self.acc.is_main_process and self.jsonl.exists():
@@ -927,6 +952,10 @@ class StageRunner:
     def _save_checkpoint(self, ctx, st: dict, last: dict) -> None:
         acc = self.acc
         sd = self._student_state(ctx)
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # never let a checkpoint with nan / inf weights rotate a good one away
+            raise NonFiniteError(f"stage {self.stage}: weights {bad[:4]} hold nan / inf after step {st['step']}; "
+                                 f"not saved (checkpoints in {self.ckpt_dir} are kept). Lower the learning rate.")
         osd = _optimizer_state(acc, ctx["module"], ctx["optimizer"])
         js, tensors = rng_state()
         if acc.num_processes > 1:
@@ -945,8 +974,8 @@ class StageRunner:
                 tdir = tmp / "trainer"
                 tdir.mkdir()
                 torch.save(osd, tdir / "optimizer.pt")
-                (tdir / "scheduler.json").write_text(json.dumps(ctx["scheduler"].state_dict()))
-                (tdir / "state.json").write_text(json.dumps(st))
+                (tdir / "scheduler.json").write_text(json_text(ctx["scheduler"].state_dict()))
+                (tdir / "state.json").write_text(json_text(st))
                 for r, (rjs, rt) in enumerate(all_rng):
                     (tdir / f"rng_{r}.json").write_text(json.dumps(rjs))
                     rt = {k: (v if torch.is_tensor(v) else torch.tensor(v, dtype=torch.uint8)) for k, v in rt.items()}
