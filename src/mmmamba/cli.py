@@ -46,12 +46,17 @@ def cmd_distill(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from .distill.recipe import load_recipe
-    from .distill.trainer import run_distill
+    from .distill.trainer import Interrupted, run_distill
 
     hf_logging.disable_progress_bar()  # per-file load / save bars would drown the training bar
     recipe = load_recipe(args.recipe, {"output_dir": args.out})
     stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
-    run_distill(recipe, stages, resume=args.resume, progress=not args.no_progress)
+    try:
+        run_distill(recipe, stages, resume=args.resume, progress=not args.no_progress)
+    except Interrupted as e:
+        again = f"mmmamba distill {args.recipe} --resume" + (f" --out {args.out}" if args.out else "")
+        print(f"mmmamba distill: {e}. Continue exactly from there with: {again}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
@@ -410,6 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as e:
         print(f"mmmamba {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C outside the training loop, or a second one inside it
+        print(f"\nmmmamba {args.cmd}: {e or 'interrupted'}; files are written atomically, nothing half-written "
+              "is left", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

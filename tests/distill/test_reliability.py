@@ -4,14 +4,22 @@ settings), on tiny CPU teachers."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_trainer import QUIET, _batches, _teacher
+from test_trainer import QUIET, _assert_identical, _batches, _recipe, _teacher
 
+from mmmamba.distill.manifest import read_manifest
 from mmmamba.distill.recipe import parse_recipe
-from mmmamba.distill.trainer import NonFiniteError, StageRunner
+from mmmamba.distill.trainer import Aborted, Interrupted, NonFiniteError, StageRunner, run_distill
+from mmmamba.io import save_model
 
 
 def strict_json(text: str):
@@ -41,3 +49,87 @@ def test_item02_nan_loss_stops_and_keeps_good_checkpoint(tmp_path):
     assert recs[-1]["loss"] is None and "stopped" in recs[-1]
     strict_json((ckpts[0] / "mmmamba_manifest.json").read_text())
     strict_json((ckpts[0] / "trainer" / "state.json").read_text())
+
+
+class SignalAt:
+    """Re-iterable batches that send `signum` to this process as micro-batch number `at` (from 1) is drawn."""
+
+    def __init__(self, batches, at: int, *signums):
+        self.batches, self.at, self.signums, self.n = batches, at, list(signums), 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.n += 1
+            if self.n >= self.at and self.signums:
+                os.kill(os.getpid(), self.signums.pop(0))
+            yield b
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_item03_signal_saves_checkpoint_and_resume_is_bitwise(tmp_path, signum):
+    """SIGINT / SIGTERM in the middle of step 3 (of 6; no regular checkpoint before step 100): a checkpoint at
+    step 3, Interrupted with exit code 128 + signum, the handlers restored; --resume ends bit-identical to an
+    uninterrupted run. A signal in the last step completes the stage and stops before the next."""
+    _teacher(tmp_path / "t")
+    data = _batches(5)
+    StageRunner(_recipe(tmp_path / "t", tmp_path / "a", save_every=100), 1, data=data, **QUIET).run()
+    rb = _recipe(tmp_path / "t", tmp_path / "b", save_every=100)
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as e:
+        StageRunner(rb, 1, data=SignalAt(data, 5, signum), **QUIET).run()
+    assert e.value.exit_code == 128 + signum and e.value.step == 3 and signal.getsignal(signum) is before
+    assert [p.name for p in (tmp_path / "b" / "stage1-checkpoints").iterdir()] == ["step-00000003"]
+    StageRunner(rb, 1, data=data, resume=True, **QUIET).run()
+    _assert_identical(tmp_path / "a" / "stage1", tmp_path / "b" / "stage1")
+    with pytest.raises(Interrupted) as e:  # in the last step (micro-batches 11-12): stage 2 completes, 3 waits
+        run_distill(rb, (2, 3), data=SignalAt(data, 11, signum), **QUIET)
+    assert e.value.saved == tmp_path / "b" / "stage2" and read_manifest(e.value.saved)["complete"]
+    assert not (tmp_path / "b" / "stage3").exists()
+
+
+def test_item03_second_signal_aborts_at_once(tmp_path):
+    _teacher(tmp_path / "t")
+    rb = _recipe(tmp_path / "t", tmp_path / "b", save_every=100)
+    with pytest.raises(Aborted) as e:
+        StageRunner(rb, 1, data=SignalAt(_batches(5), 3, signal.SIGINT, signal.SIGINT), **QUIET).run()
+    assert e.value.exit_code == 130 and not (tmp_path / "b" / "stage1-checkpoints").exists()
+
+
+def test_item03_cli_sigint_and_sigterm_then_resume_bitwise(tmp_path, smollm2_tokenizer):
+    """`mmmamba distill` in a subprocess gets SIGINT, is resumed and gets SIGTERM, is resumed again: exit codes 130
+    and 143 with a message saying how to resume; the final weights equal an uninterrupted run's, bit for bit."""
+    from conftest import tiny_config
+
+    from mmmamba import MMMambaForCausalLM
+
+    torch.manual_seed(0)
+    t = MMMambaForCausalLM(tiny_config(layer_types=["attention"] * 4, vocab_size=len(smollm2_tokenizer))).eval()
+    save_model(t, tmp_path / "t", smollm2_tokenizer)
+    (tmp_path / "c.txt").write_text(" ".join(f"row {i}: the quick brown fox {i % 13}." for i in range(200)))
+    (tmp_path / "r.yaml").write_text(
+        f"teacher: {tmp_path / 't'}\noutput_dir: {tmp_path / 'a'}\n"
+        f"data: {{sources: [{{type: text, path: {tmp_path / 'c.txt'}}}], max_length: 16}}\n"
+        "defaults: {steps: 150, batch_size: 2, micro_batch_size: 1, save_every: 1000, log_every: 1}\n")
+    from mmmamba.cli import main
+
+    assert main(["distill", str(tmp_path / "r.yaml"), "--stage", "1", "--no-progress"]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "mmmamba.cli", "distill", str(tmp_path / "r.yaml"), "--stage", "1", "--no-progress",
+           "--out", str(tmp_path / "b")]
+    log = tmp_path / "b" / "logs" / "stage1.jsonl"
+    for signum, extra in ((signal.SIGINT, []), (signal.SIGTERM, ["--resume"])):
+        n0 = len(log.read_text().splitlines()) if log.exists() else 0
+        p = subprocess.Popen(cmd + extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None and not (
+                log.exists() and len(log.read_text().splitlines()) >= n0 + 3):
+            time.sleep(0.05)
+        p.send_signal(signum)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 128 + signum, err[-3000:]
+        assert "--resume --out" in err and "saved" in err, err[-2000:]
+    assert main(["distill", str(tmp_path / "r.yaml"), "--stage", "1", "--resume", "--out", str(tmp_path / "b"),
+                 "--no-progress"]) == 0
+    assert len(list((tmp_path / "b" / "stage1-checkpoints").glob("step-*"))) == 2
+    _assert_identical(tmp_path / "a" / "stage1", tmp_path / "b" / "stage1")

@@ -28,6 +28,8 @@ import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -64,6 +66,23 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 class StopTraining(Exception):
     """Raised by `stop_after` (tests: simulate an interruption)."""
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM during a stage: a checkpoint (or the finished stage) was saved at the step boundary, and
+    `--resume` continues exactly. `exit_code`: 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, saved: Path, step: int):
+        self.signum, self.saved, self.step, self.exit_code = signum, saved, step, 128 + signum
+        super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}; saved {saved}")
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM: stop at once, without saving."""
+
+    def __init__(self, signum: int):
+        self.signum, self.exit_code = signum, 128 + signum
+        super().__init__(f"{signal.Signals(signum).name} again: aborted without saving")
 
 
 class NonFiniteError(RuntimeError):
@@ -505,6 +524,7 @@ class StageRunner:
         self.teacher_spec = teacher_spec or recipe.teacher
         self._log = log
         self.acc = None
+        self.signum = None  # a SIGINT / SIGTERM received during the loop
 
     # -- helpers ----------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -604,8 +624,9 @@ class StageRunner:
         student, state, links = self._build_student(ckpt, teacher, tid, tokenizer)
         run = self._build_stage(student, teacher, tokenizer, tid, links)
         prog = self._restore(run, ckpt, state)
-        self._loop(run, prog)
-        return self._finish(run, prog)
+        with self._signals_caught():
+            self._loop(run, prog)
+            return self._finish(run, prog)
 
     def _setup(self) -> None:
         """The stage's Accelerator (its own precision / FSDP settings) and seed."""
@@ -776,7 +797,8 @@ class StageRunner:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def _loop(self, ctx, prog: Progress) -> None:
-        """Optimizer steps until cfg.steps: accumulate the micro-batches, step, log, checkpoint."""
+        """Optimizer steps until cfg.steps: accumulate the micro-batches, step, log, checkpoint. On SIGINT /
+        SIGTERM: checkpoint at the step boundary and raise Interrupted (after the last step `_finish` does)."""
         cfg, stream = self.cfg, ctx["stream"]
         bar = self._bar(prog.step)
         try:
@@ -793,13 +815,47 @@ class StageRunner:
                 bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{prog.last_rate:,.0f}")
                 if prog.step % cfg.log_every == 0 or prog.step in (1, cfg.steps):
                     self._write_log(prog.record(lr, grad_norm, stream.epoch))
-                if prog.step % cfg.save_every == 0 and prog.step < cfg.steps:
-                    self._save_checkpoint(ctx, prog.state(stream.state()), prog.last)
+                stop = self._stop_requested()
+                if prog.step < cfg.steps and (prog.step % cfg.save_every == 0 or stop):
+                    saved = self._save_checkpoint(ctx, prog.state(stream.state()), prog.last)
                     self._plot()
+                    if stop:
+                        raise Interrupted(self.signum, saved, prog.step)
                 if self.stop_after is not None and self.stop_after <= prog.step < cfg.steps:
                     raise StopTraining(f"stopped after step {prog.step}")
         finally:
             bar.close()
+
+    # -- signals: the first SIGINT / SIGTERM stops at the next step boundary, a second one at once
+    @contextlib.contextmanager
+    def _signals_caught(self):
+        self.signum = None
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.signum is not None:
+                raise Aborted(signum)
+            self.signum = signum
+            self._log(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step and stopping "
+                      "(send it again to stop at once, without saving)")
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal arrived (on any process: they all stop at the same step)."""
+        if self.acc.num_processes == 1:
+            return self.signum is not None
+        got = torch.tensor([self.signum or 0], device=self.acc.device)
+        torch.distributed.all_reduce(got, op=torch.distributed.ReduceOp.MAX)
+        self.signum = int(got.item()) or None
+        return self.signum is not None
 
     def _accumulate(self, ctx):
         """Forward + backward over `accum` micro-batches (gradients synchronised on the last):
@@ -878,6 +934,8 @@ class StageRunner:
         self._save_final(ctx, prog.step, prog.tokens, final_metrics)
         self.log(f"stage {self.stage}: done, {prog.step} steps, {prog.tokens:,} tokens, final loss "
                  f"{final_metrics['loss']:.5g} -> {self.final_dir}")
+        if self.signum is not None:  # arrived during the last step: the stage is complete, the next not started
+            raise Interrupted(self.signum, self.final_dir, prog.step)
         return self.final_dir
 
     def _micro_step(self, module, accum: int, trainable: list):
@@ -949,7 +1007,7 @@ class StageRunner:
         if ctx["tokenizer"] is not None:
             ctx["tokenizer"].save_pretrained(tmp)
 
-    def _save_checkpoint(self, ctx, st: dict, last: dict) -> None:
+    def _save_checkpoint(self, ctx, st: dict, last: dict) -> Path:
         acc = self.acc
         sd = self._student_state(ctx)
         bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -984,6 +1042,7 @@ class StageRunner:
             for p in old[: max(0, len(old) - max(1, self.cfg.keep_checkpoints))]:
                 shutil.rmtree(p, ignore_errors=True)
         acc.wait_for_everyone()
+        return self.ckpt_dir / f"step-{st['step']:08d}"
 
     def _save_final(self, ctx, steps, tokens, metrics) -> None:
         acc = self.acc
