@@ -133,3 +133,33 @@ def test_item03_cli_sigint_and_sigterm_then_resume_bitwise(tmp_path, smollm2_tok
                  "--no-progress"]) == 0
     assert len(list((tmp_path / "b" / "stage1-checkpoints").glob("step-*"))) == 2
     _assert_identical(tmp_path / "a" / "stage1", tmp_path / "b" / "stage1")
+
+
+@pytest.mark.parametrize("damage", ["truncate_weights", "flip_optimizer_byte"])
+def test_item05_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
+    """The newest checkpoint (step 4) truncated or with a flipped byte: --resume says so, continues from step 2 and
+    ends bit-identical to an uninterrupted run; the temporary folder of an interrupted checkpoint write is removed."""
+    from mmmamba.distill.trainer import StopTraining
+
+    _teacher(tmp_path / "t")
+    data = _batches(5)
+    StageRunner(_recipe(tmp_path / "t", tmp_path / "a"), 1, data=data, **QUIET).run()
+    rb = _recipe(tmp_path / "t", tmp_path / "b")
+    with pytest.raises(StopTraining):
+        StageRunner(rb, 1, data=data, stop_after=5, **QUIET).run()
+    ck = tmp_path / "b" / "stage1-checkpoints"
+    if damage == "truncate_weights":
+        f = ck / "step-00000004" / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        f = ck / "step-00000004" / "trainer" / "optimizer.pt"
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        f.write_bytes(bytes(raw))
+    stale = ck / ".step-00000006.tmp-x1y2"
+    (stale / "trainer").mkdir(parents=True)
+    said = []
+    StageRunner(rb, 1, data=data, resume=True, progress=False, log=said.append).run()
+    assert any("step-00000004 is damaged" in m and "using the previous one, step-00000002" in m for m in said), said
+    assert any("resuming from" in m and "step 2" in m for m in said) and not stale.exists()
+    _assert_identical(tmp_path / "a" / "stage1", tmp_path / "b" / "stage1")

@@ -457,11 +457,56 @@ def _teacher_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     return torch.bfloat16 if t == "bf16" else torch.float32
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
+def latest_checkpoint(folder: Path, log: Callable | None = None) -> Path | None:
+    """The newest checkpoint in `folder` whose files are intact (given `log`: checked, and each damaged newer
+    one reported and passed over), or None."""
     if not folder.is_dir():
         return None
-    done = sorted(p for p in folder.glob("step-*") if (p / "trainer" / "state.json").exists())
-    return done[-1] if done else None
+    done = sorted((p for p in folder.glob("step-*") if (p / "trainer" / "state.json").exists()), reverse=True)
+    if log is None:
+        return done[0] if done else None
+    for i, p in enumerate(done):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            return p
+        after = f"using the previous one, {done[i + 1].name}" if i + 1 < len(done) else "no older one is left"
+        log(f"warning: checkpoint {p} is damaged ({problem}); {after}")
+    return None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why checkpoint `ckpt` cannot be resumed from (a missing, truncated or corrupt file), or None."""
+    import zipfile
+
+    from ..io import check_model_folder
+
+    try:
+        check_model_folder(ckpt)
+        t = ckpt / "trainer"
+        for name in ("state.json", "scheduler.json", "rng_0.json"):
+            json.loads((t / name).read_text())
+        read_manifest(ckpt)
+        with zipfile.ZipFile(t / "optimizer.pt") as z:  # torch.save writes a zip archive: check every CRC
+            bad = z.testzip()
+        if bad is not None:
+            return f"{t / 'optimizer.pt'}: {bad} is corrupt"
+        from safetensors.torch import load_file
+
+        load_file(str(t / "rng_0.safetensors"))
+    except Exception as e:  # any unreadable part: json, zip, safetensors and the model checks raise their own types
+        return str(e)
+    return None
+
+
+def remove_stale_temporaries(*folders: Path) -> list[Path]:
+    """Delete the `.NAME.tmp-*` / `.NAME.old-*` folders that an interrupted atomic write (io.atomic_dir) left."""
+    gone = []
+    for f in folders:
+        if f.is_dir():
+            for p in list(f.glob(".*.tmp-*")) + list(f.glob(".*.old-*")):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                gone.append(p)
+    return gone
 
 
 @dataclass
@@ -668,7 +713,13 @@ class StageRunner:
         return True
 
     def _checkpoint_to_resume(self) -> Path | None:
-        ckpt = latest_checkpoint(self.ckpt_dir)
+        """The newest intact checkpoint (damaged newer ones are reported and passed over); first the temporary
+        folders of interrupted writes are removed."""
+        if self.acc.is_main_process:
+            for p in remove_stale_temporaries(self.ckpt_dir, self.out):
+                self.log(f"stage {self.stage}: removed {p}, left by an interrupted write")
+        self.acc.wait_for_everyone()
+        ckpt = latest_checkpoint(self.ckpt_dir, log=self.log)
         if ckpt is not None and not self.resume:
             raise ChainError(f"stage {self.stage} has checkpoints in {self.ckpt_dir}; pass --resume to continue "
                              f"from {ckpt.name}, or delete that folder to start over")
