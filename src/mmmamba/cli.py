@@ -52,7 +52,8 @@ def cmd_distill(args) -> int:
     recipe = load_recipe(args.recipe, {"output_dir": args.out})
     stages = [1, 2, 3] if args.stage == "all" else [int(args.stage)]
     try:
-        run_distill(recipe, stages, resume=args.resume, progress=not args.no_progress)
+        run_distill(recipe, stages, resume=args.resume, progress=not args.no_progress,
+                    allow_changed=args.allow_changed)
     except Interrupted as e:
         again = f"mmmamba distill {args.recipe} --resume" + (f" --out {args.out}" if args.out else "")
         print(f"mmmamba distill: {e}. Continue exactly from there with: {again}", file=sys.stderr)
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--stage", default="all", choices=["1", "2", "3", "all"])
     d.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint of an interrupted stage; skip completed stages")
+    d.add_argument("--allow-changed", action="store_true",
+                   help="with --resume: go on although the recipe's settings differ from the checkpoint's")
     d.add_argument("--out", help="output folder (overrides the recipe's output_dir)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.set_defaults(func=cmd_distill)

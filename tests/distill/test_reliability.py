@@ -163,3 +163,40 @@ def test_item05_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, damag
     assert any("step-00000004 is damaged" in m and "using the previous one, step-00000002" in m for m in said), said
     assert any("resuming from" in m and "step 2" in m for m in said) and not stale.exists()
     _assert_identical(tmp_path / "a" / "stage1", tmp_path / "b" / "stage1")
+
+
+def test_item10_resume_refuses_changed_settings_and_other_teacher(tmp_path):
+    """A checkpoint or a completed stage made with other settings (lr, steps) is refused on --resume, naming the
+    fields, unless allow_changed; one made from another teacher is refused always; log-only settings may change."""
+    from mmmamba.distill.manifest import ChainError
+    from mmmamba.distill.trainer import StopTraining
+
+    _teacher(tmp_path / "t")
+    _teacher(tmp_path / "t2", seed=5)
+    data = _batches(5)
+    r = _recipe(tmp_path / "t", tmp_path / "o")
+    with pytest.raises(StopTraining):
+        StageRunner(r, 1, data=data, stop_after=3, **QUIET).run()
+    def edit(**stage1):
+        return parse_recipe({"teacher": str(tmp_path / "t"), "output_dir": str(tmp_path / "o"),
+                             "placement": "every:2", "defaults": {"steps": 6, "batch_size": 4, "micro_batch_size": 2,
+                                                                  "save_every": 2, "log_every": 1},
+                             "stages": {1: {"lr": 1e-2, **stage1}, 2: {"lr": 5e-3}, 3: {"lr": 5e-3}}})
+
+    edited = edit(lr=0.5, steps=8)
+    with pytest.raises(ChainError, match=r"other settings .*lr: 0\.01 -> 0\.5; steps: 6 -> 8.*--allow-changed"):
+        StageRunner(edited, 1, data=data, resume=True, **QUIET).run()
+    other = _recipe(tmp_path / "t2", tmp_path / "o")
+    with pytest.raises(ChainError, match="belongs to another teacher"):
+        StageRunner(other, 1, data=data, resume=True, **QUIET).run()
+    said = []
+    out = StageRunner(edited, 1, data=data, resume=True, allow_changed=True, progress=False, log=said.append).run()
+    m = read_manifest(out)
+    assert m["steps"] == 8 and m["settings"]["values"]["lr"] == 0.5 and len(m["settings"]["sha256"]) == 64
+    assert m["settings_changed_on_resume"] == ["lr: 0.01 -> 0.5", "steps: 6 -> 8"]
+    with pytest.raises(ChainError, match=r"lr: 0\.5 -> 0\.01; steps: 8 -> 6"):  # the completed stage, too
+        StageRunner(r, 1, data=data, resume=True, **QUIET).run()
+    with pytest.raises(ChainError, match="belongs to another teacher"):
+        StageRunner(other, 1, data=data, resume=True, **QUIET).run()
+    assert StageRunner(edit(lr=0.5, steps=8, log_every=3, save_every=5), 1, data=data, resume=True,
+                       **QUIET).run() == out

@@ -130,6 +130,41 @@ class Recipe:
         return d
 
 
+    def settings(self, stage: int) -> dict:
+        """The settings that decide what stage `stage` trains (not where it writes, how often it logs or saves,
+        or speed options that train the same model): recorded in each manifest and compared on --resume."""
+        cfg = {k: v for k, v in asdict(self.stages[stage]).items() if k not in RUN_ONLY_KEYS}
+        top = {"seed": self.seed, "init": self.init, "student": self.student, "data": self.data,
+               "precision": self.precision, "teacher_dtype": self.teacher_dtype}
+        if stage == 3:
+            top["placement"] = self.placement
+        return {**top, **cfg}
+
+
+# stage keys that do not change what a stage trains: logging, checkpoints, speed
+RUN_ONLY_KEYS = {"stage", "log_every", "save_every", "keep_checkpoints", "compile", "cuda_graph",
+                 "gradient_checkpointing"}
+
+
+def settings_sha256(settings: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def settings_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'field: old -> new' for every (dotted, nested) field that differs."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += settings_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
 TOP_KEYS = {f.name for f in fields(Recipe)} - {"stages", "source"} | {"stages", "defaults"}
 STAGE_KEYS = {f.name for f in fields(StageConfig)} - {"stage"}
 

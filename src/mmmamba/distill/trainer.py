@@ -51,7 +51,7 @@ from .manifest import (
     teacher_identity,
     write_manifest,
 )
-from .recipe import Recipe, StageConfig
+from .recipe import Recipe, StageConfig, settings_diff, settings_sha256
 from .stages import (
     EndToEndDistill,
     LayerwiseDistill,
@@ -556,7 +556,8 @@ class StageRunner:
     dicts, or a callable (stage_cfg, tokenizer, model_config, micro_batch_size, seed) -> iterable."""
 
     def __init__(self, recipe: Recipe, stage: int, *, resume: bool = False, data=None, progress: bool = True,
-                 stop_after: int | None = None, teacher_spec: str | None = None, log: Callable = print):
+                 stop_after: int | None = None, teacher_spec: str | None = None, allow_changed: bool = False,
+                 log: Callable = print):
         if stage not in (1, 2, 3):
             raise ValueError(f"stage must be 1, 2 or 3, not {stage!r}")
         self.recipe, self.stage, self.cfg = recipe, stage, recipe.stages[stage]
@@ -570,6 +571,10 @@ class StageRunner:
         self._log = log
         self.acc = None
         self.signum = None  # a SIGINT / SIGTERM received during the loop
+        self.allow_changed = allow_changed  # resume with settings that differ from the checkpoint's
+        self.settings = json.loads(json.dumps(recipe.settings(stage), default=str))  # as a manifest holds them
+        self._tid = None
+        self.changed: list[str] = []  # settings that differ from the resumed checkpoint's (allow_changed)
 
     # -- helpers ----------------------------------------------------------------------------------------
     def log(self, msg: str) -> None:
@@ -702,15 +707,46 @@ class StageRunner:
         set_seed(recipe.seed * 10 + stage)  # fresh runs are reproducible; a resumed run restores its RNG states
 
     def _already_complete(self) -> bool:
-        """True when this stage's output is complete and --resume skips it; without --resume, refuse."""
+        """True when this stage's output is complete and --resume skips it (after checking that it came from this
+        recipe's teacher and settings); without --resume, refuse."""
         final_manifest = read_manifest(self.final_dir) if self.final_dir.is_dir() else None
         if final_manifest is None or not final_manifest.get("complete"):
             return False
         if not self.resume:
             raise ChainError(f"stage {self.stage} output {self.final_dir} already exists; pass --resume to skip it, "
                              "or choose another --out")
+        self._check_same_run(final_manifest, self.final_dir)
         self.log(f"stage {self.stage}: already complete at {self.final_dir}; skipping")
         return True
+
+    def _teacher_id(self) -> dict:
+        if self._tid is None:
+            from ..teachers.hf import resolve_teacher
+
+            self._tid = teacher_identity(resolve_teacher(self.teacher_spec), spec=str(self.teacher_spec))
+        return self._tid
+
+    def _check_same_run(self, man: dict, where: Path) -> None:
+        """Refuse to continue (or skip) `where` when it came from another teacher, or, unless allow_changed, when
+        this recipe's settings for the stage differ from those it recorded, naming the fields."""
+        t = man.get("teacher") or {}
+        if t.get("sha256") != self._teacher_id()["sha256"]:
+            raise ChainError(f"{where} belongs to another teacher ({t.get('spec')!r}, sha256 "
+                             f"{str(t.get('sha256'))[:12]}…) than this recipe's {self.teacher_spec!r}; use another "
+                             "--out")
+        old = (man.get("settings") or {}).get("values")
+        if old is None:
+            return  # written before settings were recorded
+        changed = settings_diff(old, self.settings)
+        if not changed:
+            return
+        what = "; ".join(changed)
+        if not self.allow_changed:
+            raise ChainError(f"stage {self.stage}: {where} was made with other settings than this recipe's ({what}). "
+                             "Restore them, use another --out, or pass --allow-changed to go on with the new ones")
+        self.log(f"warning: stage {self.stage}: going on from {where} with changed settings ({what}); the "
+                 "manifest records them")
+        self.changed = changed
 
     def _checkpoint_to_resume(self) -> Path | None:
         """The newest intact checkpoint (damaged newer ones are reported and passed over); first the temporary
@@ -730,7 +766,7 @@ class StageRunner:
         from ..teachers.hf import load_teacher, resolve_teacher
 
         teacher_path = resolve_teacher(self.teacher_spec)
-        tid = teacher_identity(teacher_path, spec=str(self.teacher_spec))
+        tid = self._teacher_id()
         tokenizer = _load_tokenizer(teacher_path)
         teacher = load_teacher(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
         return teacher, tid, tokenizer
@@ -742,8 +778,7 @@ class StageRunner:
         state = None
         if ckpt is not None:
             man = read_manifest(ckpt) or {}
-            if (man.get("teacher") or {}).get("sha256") != tid["sha256"]:
-                raise ChainError(f"checkpoint {ckpt} belongs to another teacher than {self.teacher_spec!r}")
+            self._check_same_run(man, ckpt)
             student = MMMambaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
             state = json.loads((ckpt / "trainer" / "state.json").read_text())
             links = {"chain": man.get("chain", []), "placement": man.get("placement")}
@@ -1043,6 +1078,9 @@ class StageRunner:
     def _manifest(self, ctx, steps, tokens, metrics, complete):
         student = self.acc.unwrap_model(ctx["module"]).student
         extra = {"placement": ctx["placement"]} if ctx["placement"] is not None else {}
+        extra["settings"] = {"sha256": settings_sha256(self.settings), "values": self.settings}
+        if self.changed:
+            extra["settings_changed_on_resume"] = self.changed
         return make_manifest(self.stage, ctx["tid"], student.config.layer_types, recipe=self.recipe.to_dict(),
                              steps=steps, tokens=tokens, final_metrics=metrics, chain=ctx["chain"],
                              trainable=sorted(ctx["names"]), complete=complete, **extra)
@@ -1185,9 +1223,10 @@ def _load_optimizer_state(acc, module, optimizer, osd) -> None:
 
 # --------------------------------------------------------------------------------------------- entry point
 def run_distill(recipe: Recipe, stages: Iterable[int] = (1, 2, 3), *, resume: bool = False, data=None,
-                progress: bool = True, log: Callable = print) -> dict[int, Path]:
+                progress: bool = True, allow_changed: bool = False, log: Callable = print) -> dict[int, Path]:
     """Run `stages` of `recipe` in order; each checks the previous one's output. Returns {stage: folder}."""
     out = {}
     for s in stages:
-        out[s] = StageRunner(recipe, int(s), resume=resume, data=data, progress=progress, log=log).run()
+        out[s] = StageRunner(recipe, int(s), resume=resume, data=data, progress=progress,
+                             allow_changed=allow_changed, log=log).run()
     return out
