@@ -200,3 +200,12 @@ def test_item10_resume_refuses_changed_settings_and_other_teacher(tmp_path):
         StageRunner(other, 1, data=data, resume=True, **QUIET).run()
     assert StageRunner(edit(lr=0.5, steps=8, log_every=3, save_every=5), 1, data=data, resume=True,
                        **QUIET).run() == out
+
+
+@pytest.mark.parametrize("placement", ["0,99", [0, 99], "tail-stacked:99", "auto:9"])
+def test_item09_placement_checked_against_teacher_before_first_step(tmp_path, placement):
+    """A placement that does not fit the 4-layer teacher stops stage 1 before its first step (not stage 3)."""
+    _teacher(tmp_path / "t")
+    with pytest.raises(ValueError, match=r"placement .*(out of range|the teacher has 4)"):
+        run_distill(_recipe(tmp_path / "t", tmp_path / "o", placement=placement), data=_batches(2), **QUIET)
+    assert not (tmp_path / "o" / "stage1").exists() and not (tmp_path / "o" / "logs" / "stage1.jsonl").exists()

@@ -457,6 +457,25 @@ def _teacher_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     return torch.bfloat16 if t == "bf16" else torch.float32
 
 
+def check_placement(spec, num_layers: int, source: str | None = None) -> None:
+    """Raise ValueError before the first step when the recipe's placement does not fit the teacher's layers
+    (an index out of range, more stacked or auto-chosen layers than it has), instead of at stage 3."""
+    from .placement import auto_count, parse_placement
+
+    where = f"{source or 'recipe'}: placement {spec!r}"
+    n = auto_count(spec)
+    kind, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    count = n if n is not None else (int(arg) if kind.strip().lower() in ("head-stacked", "tail-stacked")
+                                     and arg.strip().isdigit() else None)
+    if count is not None and count > num_layers:
+        raise ValueError(f"{where} asks for {count} attention layers; the teacher has {num_layers}")
+    if n is None:
+        try:
+            parse_placement(spec, num_layers)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e} (the teacher has layers 0-{num_layers - 1})") from None
+
+
 def latest_checkpoint(folder: Path, log: Callable | None = None) -> Path | None:
     """The newest checkpoint in `folder` whose files are intact (given `log`: checked, and each damaged newer
     one reported and passed over), or None."""
@@ -769,6 +788,7 @@ class StageRunner:
         tid = self._teacher_id()
         tokenizer = _load_tokenizer(teacher_path)
         teacher = load_teacher(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
+        check_placement(self.recipe.placement, teacher.config.num_hidden_layers, self.recipe.source)
         return teacher, tid, tokenizer
 
     def _build_student(self, ckpt, teacher, tid, tokenizer):
