@@ -234,6 +234,9 @@ def _stage(stage: int, raw: dict, defaults: dict, where: str) -> StageConfig:
         unknown = sorted(set(src) - LOSS_KEYS[stage])
         if unknown and src is r_loss:
             raise RecipeError(f"{w}: unknown key(s) {unknown} for stage {stage}; allowed: {sorted(LOSS_KEYS[stage])}")
+        typos = sorted(set(src) - set().union(*LOSS_KEYS.values()), key=str)
+        if typos:  # defaults.loss serves every stage: a key no stage knows is a typo
+            raise RecipeError(f"{w}: unknown key(s) {typos}; allowed: {sorted(set().union(*LOSS_KEYS.values()))}")
         loss.update({k: v for k, v in src.items() if k in LOSS_KEYS[stage]})
     w = where
     cfg = StageConfig(
@@ -368,13 +371,32 @@ def parse_recipe(raw: dict, source: str | None = None) -> Recipe:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+            except TypeError:  # an unhashable key: SafeLoader's own error names it
+                break
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recipe:
     """Read and validate a YAML recipe; `overrides` replace top-level keys (e.g. output_dir from --out)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
     if raw is None:
