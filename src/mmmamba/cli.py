@@ -14,6 +14,38 @@ def _dtype(name: str) -> torch.dtype:
             "float16": torch.float16, "fp16": torch.float16}[name]
 
 
+def _number(kind, low=None, high=None, low_open=False, what=""):
+    """argparse type: a `kind` number in [low, high] ((low, high] with low_open), with a message saying so."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return v
+
+    return parse
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device this machine has."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device ({e}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here (torch {torch.__version__}, "
+                                         "no GPU or a CPU-only build); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: only {torch.cuda.device_count()} GPU(s) here")
+    return text
+
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
 def _load_tokenizer(path):
     """None for a folder without tokenizer files; files that cannot be loaded raise, naming the file."""
     from .models.tokenizer import load_tokenizer
@@ -357,9 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="offline CPU demo: SmolLM2 -> hybrid student, three short stages, metrics")
     m.add_argument("--out", default="runs/demo", help="output folder (a previous demo there is replaced)")
-    m.add_argument("--steps", type=int, default=20, help="optimizer steps of stages 1 and 2 (stage 3: 3/5 of it)")
-    m.add_argument("--seq-len", type=int, default=256)
-    m.add_argument("--batch", type=int, default=4)
+    m.add_argument("--steps", type=_number(int, 1, what="at least 1"), default=20,
+                   help="optimizer steps of stages 1 and 2 (stage 3: 3/5 of it)")
+    m.add_argument("--seq-len", type=_number(int, 2, what="at least 2"), default=256)
+    m.add_argument("--batch", type=_number(int, 1, what="at least 1"), default=4)
     m.add_argument("--placement", default="every:4", help="attention layers of the hybrid (every:K, list, none)")
     m.set_defaults(func=cmd_demo)
 
@@ -367,15 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
     g.add_argument("--prompt", required=True)
     g.add_argument("--image", help="image file (models with a vision front)")
-    g.add_argument("--max-tiles", type=int, default=6)
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-tiles", type=_number(int, 1, what="at least 1 tile"), default=6)
+    g.add_argument("--max-new-tokens", type=_number(int, 1, what="at least 1 token"), default=64)
+    g.add_argument("--temperature", type=_number(float, 0, what="0 (greedy) or more"), default=0.0,
+                   help="0 = greedy")
+    g.add_argument("--top-k", type=_number(int, 0, what="0 (off) or more"), default=0)
+    g.add_argument("--top-p", type=_number(float, 0, 1, low_open=True, what="in (0, 1]"), default=1.0)
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template (default on)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
                    help="fast engine (static cache, fused kernels, CUDA graph); default: on for CUDA")
