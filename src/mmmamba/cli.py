@@ -55,11 +55,12 @@ def _load_tokenizer(path):
 
 def cmd_seed(args) -> int:
     from .distill.seed import seed_student
-    from .io import json_text, save_model
+    from .io import check_output_folder, json_text, save_model
     from .teachers.hf import load_teacher, resolve_teacher
 
     if args.attention_layers and args.placement:
         raise SystemExit("give either --attention-layers or --placement, not both")
+    check_output_folder(args.out, args.overwrite)  # before the teacher loads: refuse early
     path = resolve_teacher(args.teacher)
     teacher = load_teacher(path)
     student = seed_student(teacher, args.attention_layers or args.placement, mode=args.init, seed=args.seed)
@@ -67,7 +68,8 @@ def cmd_seed(args) -> int:
 
     manifest = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
                              init=args.init, seed=args.seed)
-    save_model(student, args.out, _load_tokenizer(path), {"mmmamba_manifest.json": json_text(manifest, indent=2)})
+    save_model(student, args.out, _load_tokenizer(path), {"mmmamba_manifest.json": json_text(manifest, indent=2)},
+               overwrite=args.overwrite)
     n_attn = len(student.config.attention_layers)
     print(f"seeded {args.out}: {len(student.config.mamba_layers)} Mamba-2 + {n_attn} attention layers "
           f"(attention at {student.config.attention_layers})")
@@ -372,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch"],
                    help="Table 4 ablation: inherit Q,K,V + mimic (default), inherit only, or from scratch")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing mmmamba model folder at --out")
     s.set_defaults(func=cmd_seed)
 
     d = sub.add_parser("distill", help="three-stage distillation from a YAML recipe (recipes/*.yaml)",

@@ -101,8 +101,37 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     return model.eval()
 
 
-def save_model(model, out: str | os.PathLike, tokenizer=None, extra: dict[str, str] | None = None) -> Path:
-    """save_pretrained (safetensors) + tokenizer + extra text files, written atomically."""
+def is_mmmamba_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` holds an mmmamba model (config.json with model_type mmmamba)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "mmmamba"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output_folder(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to write a model over `out` when it is a file, a non-empty folder that is not an mmmamba model
+    folder (a run folder, the user's files), or, without `overwrite`, an mmmamba model folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder; choose another output folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not is_mmmamba_folder(out):
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise FileExistsError(f"{out} is not empty ({shown}) and is not an mmmamba model folder; it is left "
+                              "untouched: choose a new or empty folder")
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds an mmmamba model; pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def save_model(model, out: str | os.PathLike, tokenizer=None, extra: dict[str, str] | None = None,
+               overwrite: bool = False) -> Path:
+    """save_pretrained (safetensors) + tokenizer + extra text files, written atomically (a temporary sibling
+    folder renamed into place). An existing `out` must be empty, or an mmmamba model folder with `overwrite`."""
+    check_output_folder(out, overwrite)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
