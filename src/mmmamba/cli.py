@@ -68,7 +68,12 @@ def cmd_seed(args) -> int:
 
     manifest = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
                              init=args.init, seed=args.seed)
-    save_model(student, args.out, _load_tokenizer(path), {"mmmamba_manifest.json": json_text(manifest, indent=2)},
+    tokenizer = _load_tokenizer(path)
+    if tokenizer is None:
+        print(f"WARNING: teacher {path} has no tokenizer files (tokenizer.json / tokenizer_config.json), so the "
+              f"student in {args.out} gets none; `distill` and `generate` need one: save the teacher's tokenizer "
+              "into both folders (AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(FOLDER))", file=sys.stderr)
+    save_model(student, args.out, tokenizer, {"mmmamba_manifest.json": json_text(manifest, indent=2)},
                overwrite=args.overwrite)
     n_attn = len(student.config.attention_layers)
     print(f"seeded {args.out}: {len(student.config.mamba_layers)} Mamba-2 + {n_attn} attention layers "

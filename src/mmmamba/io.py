@@ -74,7 +74,7 @@ def check_model_folder(path: str | os.PathLike) -> Path:
         raise ValueError(f"{cfg} is not valid JSON: {e}") from e
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path} (mmmamba never loads pickled .bin files)")
+        raise FileNotFoundError(no_safetensors_message(path))
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
@@ -92,10 +92,36 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def no_safetensors_message(path: Path) -> str:
+    """The error for a folder without safetensors weights, with the one-off conversion of pickled ones."""
+    pickled = sorted(p.name for pat in ("*.bin", "*.pt", "*.pth") for p in path.glob(pat))
+    if not pickled:
+        return f"no *.safetensors weights in {path}: not a model folder"
+    conv = (f"python -c \"from transformers import AutoModelForCausalLM as M, AutoTokenizer as T; "
+            f"M.from_pretrained('{path}', use_safetensors=False).save_pretrained('{path}-st'); "
+            f"T.from_pretrained('{path}').save_pretrained('{path}-st')\"")
+    return (f"{path} holds pickled weights ({', '.join(pickled[:3])}) and no *.safetensors: mmmamba loads only "
+            f"safetensors, since unpickling a file can run any code in it. If you trust these files, convert them "
+            f"once and use {path}-st: {conv}")
+
+
+def from_pretrained_checked(cls, path: str | os.PathLike, **kwargs):
+    """cls.from_pretrained(path) reading safetensors only, refusing missing, unexpected or mis-shaped tensors
+    (which transformers would fill with random values, or drop, with only a printed report)."""
+    model, info = cls.from_pretrained(path, use_safetensors=True, output_loading_info=True, **kwargs)
+    problems = [f"{what} {sorted(map(str, info.get(key) or []))[:6]}" for key, what in
+                (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mis-shaped"))
+                if info.get(key)]
+    if problems:
+        raise ValueError(f"{path}: the weights do not match its config.json ({'; '.join(problems)} tensors). A "
+                         "partial or damaged save, or layer_types that do not match the weights: re-create the folder")
+    return model
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | None = None):
-    """Load an mmmamba model folder after checking its files."""
+    """Load an mmmamba model folder after checking its files; every tensor must match the config."""
     path = check_model_folder(path)
-    model = MMMambaForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    model = from_pretrained_checked(MMMambaForCausalLM, path, dtype=dtype or torch.float32)
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io import atomic_dir, atomic_write_text, json_text
-from ..models import MAMBA2, MMMambaForCausalLM
+from ..io import atomic_dir, atomic_write_text, json_text, load_model
+from ..models import MAMBA2
 from .compile import compile_layers, compile_mixers
 from .manifest import (
     ChainError,
@@ -675,12 +675,19 @@ class StageRunner:
             return self.data
         from .data import build_dataloader
 
+        self._need_tokenizer(tokenizer)
         data_cfg = {**self.recipe.data, **(cfg.data or {})}
         if cfg.seq_len is not None:
             data_cfg.setdefault("max_length", cfg.seq_len)
         if not data_cfg.get("sources"):
             raise ValueError("the recipe's data section has no sources (e.g. data: {sources: [{type: pydoc}]})")
         return build_dataloader(data_cfg, tokenizer, model_config, cfg.micro_batch_size, self.recipe.seed, split)
+
+    def _need_tokenizer(self, tokenizer) -> None:
+        if tokenizer is None:
+            raise ValueError(f"teacher folder {self.teacher_path} has no tokenizer (tokenizer.json / "
+                             "tokenizer_config.json), which the recipe's data needs: save the teacher's tokenizer "
+                             "beside its weights (AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(TEACHER))")
 
     # -- main -------------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -784,7 +791,7 @@ class StageRunner:
         """(teacher in fp32, frozen; its identity; its tokenizer or None)."""
         from ..teachers.hf import load_teacher, resolve_teacher
 
-        teacher_path = resolve_teacher(self.teacher_spec)
+        self.teacher_path = teacher_path = resolve_teacher(self.teacher_spec)
         tid = self._teacher_id()
         tokenizer = _load_tokenizer(teacher_path)
         teacher = load_teacher(teacher_path, dtype=torch.float32).eval().requires_grad_(False)
@@ -799,7 +806,7 @@ class StageRunner:
         if ckpt is not None:
             man = read_manifest(ckpt) or {}
             self._check_same_run(man, ckpt)
-            student = MMMambaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+            student = load_model(ckpt)  # safetensors only, every tensor present
             state = json.loads((ckpt / "trainer" / "state.json").read_text())
             links = {"chain": man.get("chain", []), "placement": man.get("placement")}
             self.log(f"stage {stage}: resuming from {ckpt} (step {state['step']})")
@@ -810,7 +817,7 @@ class StageRunner:
             hint = (f"Run `mmmamba distill {recipe.source or 'RECIPE.yaml'} --stage {stage - 1}` first."
                     if stage > 1 and not cfg.input else "")
             in_man = check_input(in_dir, expected, tid, for_stage=stage, hint=hint)
-            student = MMMambaForCausalLM.from_pretrained(in_dir, dtype=torch.float32)
+            student = load_model(in_dir)
             if list(student.config.layer_types) != list(in_man.get("layer_types", student.config.layer_types)):
                 raise ChainError(f"{in_dir}: config layer_types differ from its manifest's")
             links = {"chain": chain_after(in_man, in_dir), "placement": None}
@@ -1076,6 +1083,7 @@ class StageRunner:
         if auto_count(spec) is not None:
             from .data import build_dataloader
 
+            self._need_tokenizer(tokenizer)
             data_cfg = {**self.recipe.data, **(self.cfg.data or {})}
             data_cfg.setdefault("max_length", self.cfg.seq_len)
             batches = build_dataloader(data_cfg, tokenizer, student.config, self.cfg.micro_batch_size,

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_dir, load_model
+from ..io import atomic_dir, check_model_folder, from_pretrained_checked, load_model
 from ..models import MMMambaConfig, MMMambaForCausalLM
 from .mmmamba_hf import load_internvl_chat
 
 SUPPORTED = ("llama", "qwen2", "mistral")
+HOVLE_TYPES = ("internvl_chat", "hovle", "mmMamba", "mmMamba_chat", "mmmamba_hf")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -135,13 +136,17 @@ def resolve_teacher(spec: str | os.PathLike) -> Path:
 def load_teacher(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> MMMambaForCausalLM:
     """Load a teacher as an all-attention MMMambaForCausalLM from 'smollm2', a transformers folder
     (llama / qwen2 / mistral), a HoVLE folder, or an mmmamba folder."""
-    path = resolve_teacher(spec)
+    path = check_model_folder(resolve_teacher(spec))  # names a bad config.json, pickled or truncated weights
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED + ("mmmamba",) + HOVLE_TYPES:
+        raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED)} (transformers), mmmamba, and HoVLE / mmMamba releases "
+                         f"({', '.join(HOVLE_TYPES)})")
     if model_type == "mmmamba":
         return load_model(path, dtype=dtype)
-    if model_type in ("internvl_chat", "hovle", "mmMamba", "mmMamba_chat", "mmmamba_hf"):
+    if model_type in HOVLE_TYPES:
         return load_internvl_chat(path, dtype=dtype)
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = from_pretrained_checked(AutoModelForCausalLM, path, dtype=torch.float32)
     return convert_hf_model(hf, dtype)
