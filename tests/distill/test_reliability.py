@@ -209,3 +209,20 @@ def test_item09_placement_checked_against_teacher_before_first_step(tmp_path, pl
     with pytest.raises(ValueError, match=r"placement .*(out of range|the teacher has 4)"):
         run_distill(_recipe(tmp_path / "t", tmp_path / "o", placement=placement), data=_batches(2), **QUIET)
     assert not (tmp_path / "o" / "stage1").exists() and not (tmp_path / "o" / "logs" / "stage1.jsonl").exists()
+
+
+def test_item04_micro_batch_of_unreadable_rows_is_skipped_and_reported(tmp_path, caplog):
+    """A micro-batch whose every row lost its image after the scan (the collator drops them: 0 rows, as with the
+    HoVLE recipes' micro-batch of 1 and one bad image) is skipped and reported; training goes on."""
+    from mmmamba.distill.data import Collator
+
+    empty = Collator(pad_id=0)([{"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([1, 2]),
+                                 "pixel_values": None, "origin": "rows.jsonl:7", "error": "cannot identify image"}])
+    assert empty["input_ids"].shape[0] == 0 and "rows.jsonl:7" in caplog.text
+    _teacher(tmp_path / "t")
+    data = _batches(5)
+    data.insert(2, empty)
+    said = []
+    out = StageRunner(_recipe(tmp_path / "t", tmp_path / "o", steps=3), 1, data=data, progress=False,
+                      log=said.append).run()
+    assert sum("skipped an empty micro-batch" in m for m in said) == 1 and (out / "model.safetensors").exists()

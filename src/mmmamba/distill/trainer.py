@@ -976,7 +976,7 @@ class StageRunner:
         acc, module, accum = self.acc, ctx["module"], ctx["accum"]
         step_loss, step_tokens, extra = 0.0, 0, {}
         for micro in range(accum):
-            batch = ctx["stream"].next()
+            batch = self._next_nonempty(ctx["stream"])
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(module)
             with sync:
                 loss, metrics = ctx["micro_step"](batch)
@@ -987,6 +987,17 @@ class StageRunner:
                 if not k.endswith("_tokens"):
                     extra[k] = extra.get(k, 0.0) + v.detach().float() / accum
         return step_loss, step_tokens, extra
+
+    def _next_nonempty(self, stream, limit: int = 1000) -> dict:
+        """The next micro-batch that has rows: one whose every row was dropped (images unreadable since the data
+        scan; the collator warned about each) is skipped and reported."""
+        for _ in range(limit):
+            batch = stream.next()
+            if batch["input_ids"].shape[0] > 0:
+                return batch
+            self.log(f"stage {self.stage}: skipped an empty micro-batch (global batch {stream.consumed - 1}): all "
+                     "its rows were dropped, see the warnings above")
+        raise ValueError(f"stage {self.stage}: {limit} micro-batches in a row had no usable rows; check the data")
 
     def _clip(self, ctx):
         """The gradient norm before clipping to grad_clip (None without clipping)."""
