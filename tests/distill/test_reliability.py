@@ -226,3 +226,21 @@ def test_item04_micro_batch_of_unreadable_rows_is_skipped_and_reported(tmp_path,
     out = StageRunner(_recipe(tmp_path / "t", tmp_path / "o", steps=3), 1, data=data, progress=False,
                       log=said.append).run()
     assert sum("skipped an empty micro-batch" in m for m in said) == 1 and (out / "model.safetensors").exists()
+
+
+def test_item14_gpu_recipe_on_cpu_warns_with_time_per_step(tmp_path):
+    """A recipe meant for a GPU (cuda_graph, as the shipped SmolLM2 recipes) on the CPU says so with an estimated
+    time per step; a CPU-sized recipe does not."""
+    from mmmamba.distill.trainer import cpu_matmul_rate
+
+    _teacher(tmp_path / "t")
+    said = []
+    StageRunner(_recipe(tmp_path / "t", tmp_path / "g", steps=1, cuda_graph=True), 1, data=_batches(2),
+                progress=False, log=said.append).run()
+    warn = [m for m in said if m.startswith("WARNING: stage 1: this recipe looks meant for a GPU (it sets "
+                                            "cuda_graph: true) but runs on the CPU")]
+    assert len(warn) == 1 and "per step" in warn[0] and "an estimate" in warn[0] and cpu_matmul_rate() > 1e8
+    said.clear()
+    StageRunner(_recipe(tmp_path / "t", tmp_path / "c", steps=1), 1, data=_batches(2), progress=False,
+                log=said.append).run()
+    assert not any("meant for a GPU" in m for m in said)

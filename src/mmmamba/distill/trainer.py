@@ -457,6 +457,29 @@ def _teacher_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     return torch.bfloat16 if t == "bf16" else torch.float32
 
 
+_CPU_RATE: list[float] = []
+
+
+def cpu_matmul_rate(n: int = 512, repeat: int = 5) -> float:
+    """FLOP/s of an fp32 n x n matmul on this CPU (best of `repeat`; measured once per process)."""
+    if not _CPU_RATE:
+        a = torch.randn(n, n)
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        _CPU_RATE.append(2 * n**3 / max(best, 1e-9))
+    return _CPU_RATE[0]
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.1f} s"
+
+
 def check_placement(spec, num_layers: int, source: str | None = None) -> None:
     """Raise ValueError before the first step when the recipe's placement does not fit the teacher's layers
     (an index out of range, more stacked or auto-chosen layers than it has), instead of at stage 3."""
@@ -837,6 +860,8 @@ class StageRunner:
         self.log(f"stage {stage}: {len(names)} trainable tensors, {n_train:,} of {n_all:,} parameters "
                  f"({100 * n_train / n_all:.2f} %); layers (A attention, M Mamba-2): "
                  + "".join("M" if t == MAMBA2 else "A" for t in student.config.layer_types))
+        if acc.device.type == "cpu":
+            self._warn_if_meant_for_gpu(student, teacher)
         tdtype = _teacher_dtype(recipe, self.precision)
         module, teacher = self._stage_module(student, teacher, tdtype)
         self._choose_kernels(student, acc.device, torch.bfloat16 if self.precision == "bf16" else torch.float32,
@@ -854,6 +879,30 @@ class StageRunner:
         return dict(module=module, optimizer=optimizer, scheduler=scheduler, stream=stream, tid=tid, names=names,
                     chain=links["chain"], tokenizer=tokenizer, placement=links["placement"], accum=accum,
                     trainable=trainable, micro_step=self._micro_step(module, accum, trainable))
+
+    def _warn_if_meant_for_gpu(self, student, teacher) -> None:
+        """On the CPU, warn when the recipe looks meant for a GPU (cuda_graph, compile, bf16) or a step would take
+        over a minute, with the expected time per step: FLOPs from parameter counts (2 per parameter and token
+        forward, 6 forward + backward; attention and SSD terms left out) over a matmul rate measured here."""
+        cfg, acc = self.cfg, self.acc
+        tokens = (cfg.micro_batch_size * cfg.accumulation(acc.num_processes) * (cfg.seq_len or 2048))
+        emb = student.config.vocab_size * student.config.hidden_size
+        body_t = sum(p.numel() for p in teacher.parameters()) - emb * (1 if teacher.config.tie_word_embeddings else 2)
+        if self.stage == 3:  # teacher forward with its head; student forward + backward, head included
+            per_token = 2 * (body_t + emb) + 6 * (sum(p.numel() for p in student.parameters()) - emb)
+        else:  # the teacher's stream (no head) and the trained mixers
+            per_token = 2 * body_t + 6 * sum(p.numel() for p in student.parameters() if p.requires_grad)
+        flops = per_token * tokens
+        seconds = flops / cpu_matmul_rate()
+        hints = [h for h, on in (("cuda_graph: true", cfg.cuda_graph), ("compile: true", cfg.compile),
+                                 ("precision: bf16", self.recipe.precision == "bf16")) if on]
+        if not hints and seconds < 60:
+            return
+        why = f"it sets {', '.join(hints)}" if hints else "its steps are large"
+        self.log(f"WARNING: stage {self.stage}: this recipe looks meant for a GPU ({why}) but runs on the CPU: "
+                 f"{tokens:,} tokens per step, about {flops:.2g} FLOPs, so roughly {_duration(seconds)} per step and "
+                 f"{_duration(seconds * cfg.steps)} for its {cfg.steps:,} steps (an estimate from parameter counts "
+                 f"and this CPU's measured matmul rate, {cpu_matmul_rate() / 1e9:.0f} GFLOP/s)")
 
     def _stage_module(self, student, teacher, tdtype):
         """(LayerwiseDistill for stages 1-2 (the teacher moves into its stream) or EndToEndDistill, teacher or
