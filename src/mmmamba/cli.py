@@ -55,7 +55,7 @@ def _load_tokenizer(path):
 
 def cmd_seed(args) -> int:
     from .distill.seed import seed_student
-    from .io import check_output_folder, json_text, save_model
+    from .io import check_output_folder, save_model
     from .teachers.hf import load_teacher, resolve_teacher
 
     if args.attention_layers and args.placement:
@@ -64,7 +64,7 @@ def cmd_seed(args) -> int:
     path = resolve_teacher(args.teacher)
     teacher = load_teacher(path)
     student = seed_student(teacher, args.attention_layers or args.placement, mode=args.init, seed=args.seed)
-    from .distill.manifest import make_manifest, teacher_identity
+    from .distill.manifest import make_manifest, manifest_files, teacher_identity
 
     manifest = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
                              init=args.init, seed=args.seed)
@@ -73,8 +73,7 @@ def cmd_seed(args) -> int:
         print(f"WARNING: teacher {path} has no tokenizer files (tokenizer.json / tokenizer_config.json), so the "
               f"student in {args.out} gets none; `distill` and `generate` need one: save the teacher's tokenizer "
               "into both folders (AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(FOLDER))", file=sys.stderr)
-    save_model(student, args.out, tokenizer, {"mmmamba_manifest.json": json_text(manifest, indent=2)},
-               overwrite=args.overwrite)
+    save_model(student, args.out, tokenizer, manifest_files(manifest, args.out), overwrite=args.overwrite)
     n_attn = len(student.config.attention_layers)
     print(f"seeded {args.out}: {len(student.config.mamba_layers)} Mamba-2 + {n_attn} attention layers "
           f"(attention at {student.config.attention_layers})")

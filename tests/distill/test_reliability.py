@@ -244,3 +244,21 @@ def test_item14_gpu_recipe_on_cpu_warns_with_time_per_step(tmp_path):
     StageRunner(_recipe(tmp_path / "t", tmp_path / "c", steps=1), 1, data=_batches(2), progress=False,
                 log=said.append).run()
     assert not any("meant for a GPU" in m for m in said)
+
+
+def test_item15_manifests_relative_paths_and_model_card(tmp_path):
+    """Manifests record the teacher and the earlier stages relative to their own folder (the run can move); final
+    folders and the seed carry a README.md model card: teacher, layers, stages, token budget, measured results."""
+    _teacher(tmp_path / "t")
+    out = run_distill(_recipe(tmp_path / "t", tmp_path / "o", steps=3), data=_batches(2), **QUIET)
+    m = read_manifest(out[3])
+    assert m["teacher"]["path"] == "../../t" and m["teacher"]["spec"] == str(tmp_path / "t")  # the user's own
+    assert [c["path"] for c in m["chain"]] == ["../seed", "../stage1", "../stage2"]
+    ck = read_manifest(tmp_path / "o" / "stage3-checkpoints" / "step-00000002")  # keep_checkpoints 2 keeps it
+    assert ck["teacher"]["path"] == "../../../t"
+    card = (out[3] / "README.md").read_text()
+    for part in ("- Teacher: `../../t`", "attention at [0, 2] (the rest Mamba-2): AMAM",
+                 "- Placement: `every:2`", "| stage1 | 3 |", "| stage3 | 3 |", "Token budget:", "Measured results: kl"):
+        assert part in card, (part, card)
+    assert "Seeded with init `mimic`" in (tmp_path / "o" / "seed" / "README.md").read_text()
+    assert (tmp_path / "o" / "stage1" / "README.md").exists()

@@ -103,10 +103,73 @@ def chain_after(manifest: dict, path: str | os.PathLike) -> list:
     return list(manifest.get("chain", [])) + [summary(manifest, path)]
 
 
-def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
-    p = Path(folder) / MANIFEST_NAME
-    p.write_text(json_text(manifest, indent=2, sort_keys=False) + "\n")
-    return p
+def portable(manifest: dict, folder: str | os.PathLike) -> dict:
+    """`manifest` with the paths it records (teacher, chain) relative to `folder`, the folder that holds it (or a
+    sibling of it: atomic writes fill a temporary sibling), so that a run folder can be moved or shared."""
+    def rel(p):
+        return os.path.relpath(p, Path(folder).resolve()) if p and os.path.isabs(p) else p
+
+    out = dict(manifest)
+    if isinstance(out.get("teacher"), dict):
+        out["teacher"] = {**out["teacher"], "path": rel(out["teacher"].get("path"))}
+    out["chain"] = [{**c, "path": rel(c.get("path"))} if isinstance(c, dict) and "path" in c else c
+                    for c in out.get("chain") or []]
+    return out
+
+
+def manifest_files(manifest: dict, folder: str | os.PathLike) -> dict[str, str]:
+    """{file name: text} of a finished model folder: the manifest (portable paths) and its model card."""
+    m = portable(manifest, folder)
+    return {MANIFEST_NAME: json_text(m, indent=2, sort_keys=False) + "\n", "README.md": model_card(m)}
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict, card: bool = False) -> Path:
+    """Write the manifest (paths relative to `folder`) and, with `card`, the README.md model card."""
+    for name, text in manifest_files(manifest, folder).items():
+        if name == MANIFEST_NAME or card:
+            (Path(folder) / name).write_text(text)
+    return Path(folder) / MANIFEST_NAME
+
+
+def model_card(m: dict) -> str:
+    """A short README.md for a model folder, from its manifest: teacher, layers, stages, tokens, results."""
+    types = m.get("layer_types") or []
+    attn = [i for i, t in enumerate(types) if t in ("full_attention", "attention")]
+    t = m.get("teacher") or {}
+    recipe = m.get("recipe") or {}
+    lines = [f"# mmmamba model: {m.get('stage')}" + (f" of recipe {recipe['name']}" if recipe.get("name") else ""),
+             "",
+             "A decoder whose attention layers were turned into Mamba-2 layers (hybrid or linear) by seeding and "
+             "distillation from a Transformer teacher (the mmMamba method, arXiv 2502.13145), made with mmmamba. "
+             "Load with `import mmmamba` then `AutoModelForCausalLM.from_pretrained(folder)`; weights are "
+             "safetensors.",
+             "",
+             f"- Teacher: `{t.get('path') if os.path.isabs(str(t.get('spec'))) else t.get('spec')}` (weights "
+             f"sha256 `{str(t.get('sha256'))[:16]}…`)",
+             f"- Layers: {len(types)}, attention at {attn or 'none'} (the rest Mamba-2): "
+             + "".join("A" if i in attn else "M" for i in range(len(types)))]
+    if m.get("placement"):
+        lines.append(f"- Placement: `{m['placement'].get('spec')}`")
+    if m.get("init"):
+        lines.append(f"- Seeded with init `{m['init']}`, seed {m.get('seed')}")
+    rows = [c for c in m.get("chain") or [] if isinstance(c, dict)] + [m]
+    trained = [c for c in rows if c.get("stage") != "seed"]
+    if trained:
+        lines += ["", "| stage | steps | tokens | final loss |", "|---|---|---|---|"]
+        for c in trained:
+            loss = (c.get("final_metrics") or {}).get("loss")
+            lines.append(f"| {c.get('stage')} | {c.get('steps', 0):,} | {c.get('tokens', 0):,} | "
+                         + (f"{loss:.5g}" if isinstance(loss, (int, float)) else "-") + " |")
+        lines += ["", f"Token budget: {sum(c.get('tokens') or 0 for c in trained):,} training tokens over "
+                      f"{len(trained)} stage(s)."]
+    got = m.get("final_metrics") or {}
+    fm = {k: got[k] for k in ("kl", "ce", "layer_mse", "loss_last") if got.get(k) is not None}
+    measured = ", ".join(f"{k} {v:.5g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in fm.items())
+    lines += ["", f"Measured results: {measured or 'none yet (only the training loss above)'} (on the training "
+                  "data; held-out quality is not measured by training)."]
+    lines += ["", f"Created {m.get('created')} with mmmamba {m.get('mmmamba_version')}; the full record is in "
+                  f"`{MANIFEST_NAME}`.", ""]
+    return "\n".join(lines)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:

@@ -47,6 +47,7 @@ from .manifest import (
     chain_after,
     check_input,
     make_manifest,
+    manifest_files,
     read_manifest,
     teacher_identity,
     write_manifest,
@@ -685,7 +686,7 @@ class StageRunner:
             student = seed_student(teacher, None, mode=self.recipe.init, seed=self.recipe.seed)
             man = make_manifest("seed", tid, student.config.layer_types, recipe=self.recipe.to_dict(),
                                 init=self.recipe.init, seed=self.recipe.seed)
-            save_model(student, path, tokenizer, {"mmmamba_manifest.json": json_text(man, indent=2) + "\n"})
+            save_model(student, path, tokenizer, manifest_files(man, path))
             self.log(f"seeded student ({self.recipe.init}) -> {path}")
         self.acc.wait_for_everyone()
         return path
@@ -1229,7 +1230,7 @@ class StageRunner:
                 plot_loss(self.jsonl, self.png, f"{self.recipe.name}: stage {self.stage}")
             with atomic_dir(self.final_dir) as tmp:
                 self._write_model(tmp, ctx, sd)
-                write_manifest(tmp, self._manifest(ctx, steps, tokens, metrics, complete=True))
+                write_manifest(tmp, self._manifest(ctx, steps, tokens, metrics, complete=True), card=True)
                 for f, name in ((self.jsonl, "metrics.jsonl"), (self.png, "loss.png")):
                     if f.exists():
                         shutil.copy2(f, tmp / name)
