@@ -163,6 +163,10 @@ class DataSettings:
         if unknown:
             raise DataError(f"data config: unknown key(s) {sorted(unknown)}; known keys: {sorted(TOP_KEYS)}")
         s = cls(**{k: v for k, v in cfg.items() if k not in ("sources", "heldout_sources")})
+        _check_types("data config", cfg, SETTING_TYPES)
+        if not isinstance(s.image, dict):
+            raise DataError(f"data config: image must be a mapping like {{max_tiles: 12}}, got {s.image!r}")
+        _check_types("data config: image", s.image, IMAGE_TYPES)
         if s.text_mode not in ("chunk", "pack"):
             raise DataError(f"data config: text_mode {s.text_mode!r} unknown; use 'chunk' or 'pack'")
         if s.template not in ("auto", "tokenizer", "internlm2-chat"):
@@ -178,6 +182,39 @@ class DataSettings:
         return s
 
 
+# allowed types per setting (None allowed where listed); checked before the values are used
+_INT, _NUM, _BOOL, _STR, _NONE = (int,), (int, float), (bool,), (str,), (type(None),)
+SETTING_TYPES = {
+    "max_length": _INT, "min_length": _INT, "text_mode": _STR, "add_bos": _BOOL + _NONE, "template": _STR,
+    "system": _STR + _NONE, "heldout_fraction": _NUM + _NONE, "shuffle": _BOOL + _NONE, "bucket": _BOOL,
+    "mega_batch": _INT, "drop_last": _BOOL, "pad_to_multiple_of": _INT + _NONE, "num_workers": _INT,
+    "strict": _BOOL, "check_images": _STR, "image_root": _STR + _NONE, "base_dir": _STR + _NONE,
+    "sources": (list, str), "heldout_sources": (list, str) + _NONE,
+}
+IMAGE_TYPES = {"max_tiles": _INT, "min_tiles": _INT, "use_thumbnail": _BOOL}
+SOURCE_TYPES = {"type": _STR, "path": (str, list), "image_root": _STR + _NONE, "heldout_fraction": _NUM + _NONE,
+                "max_samples": _INT + _NONE, "split": _STR, "name": _STR + _NONE}
+_POSITIVE = {"max_length", "min_length", "mega_batch", "pad_to_multiple_of", "max_tiles", "min_tiles",
+             "max_samples"}
+
+
+def _check_types(where: str, cfg: dict, types: dict) -> None:
+    """DataError naming the key for a value of the wrong type or out of range (bool is not an int here)."""
+    for k, v in cfg.items():
+        want = types.get(k)
+        if want is None:
+            continue
+        ok = isinstance(v, want) and not (isinstance(v, bool) and bool not in want)
+        if not ok:
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in want)
+            raise DataError(f"{where}: {k} must be {names}, got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if v != v or (k in _POSITIVE and v < 1) or v < 0 or (k == "heldout_fraction" and v > 1):
+                raise DataError(f"{where}: {k} = {v!r} is out of range")
+        if k == "path" and isinstance(v, list) and not all(isinstance(p, str) and p for p in v):
+            raise DataError(f"{where}: path must be a path or a list of paths, got {v!r}")
+
+
 def _norm_split(split: str) -> str:
     s = {"eval": "heldout", "validation": "heldout", "val": "heldout", "test": "heldout"}.get(split, split)
     if s not in ("train", "heldout"):
@@ -191,6 +228,7 @@ def _norm_source(src, i: int) -> dict:
     if not isinstance(src, dict):
         raise DataError(f"data config: sources[{i}] must be a dict or a string, got {type(src).__name__}")
     src = dict(src)
+    _check_types(f"data config: sources[{i}]", src, SOURCE_TYPES)
     unknown = set(src) - SOURCE_KEYS
     if unknown:
         raise DataError(f"data config: sources[{i}] has unknown key(s) {sorted(unknown)}; known: {sorted(SOURCE_KEYS)}")

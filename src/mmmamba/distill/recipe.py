@@ -390,15 +390,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem, where, and the context it arose in."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(e, "context", None)
+    problem = getattr(e, "problem", None) or str(e)
+    return " ".join((f"{problem}{where}" + (f" ({context})" if context else "")).split())
+
+
 def load_recipe(path: str | os.PathLike, overrides: dict | None = None) -> Recipe:
     """Read and validate a YAML recipe; `overrides` replace top-level keys (e.g. output_dir from --out)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
+        raise RecipeError(f"recipe {path} is not valid YAML: {_yaml_problem(e)}") from None
     if raw is None:
         raise RecipeError(f"recipe {path} is empty")
     if isinstance(raw, dict) and overrides:
