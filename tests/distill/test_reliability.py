@@ -37,7 +37,7 @@ def test_item02_nan_loss_stops_and_keeps_good_checkpoint(tmp_path):
                       "defaults": {"steps": 12, "batch_size": 2, "micro_batch_size": 2, "save_every": 1,
                                    "log_every": 1, "keep_checkpoints": 1, "warmup": 0.5},
                       "stages": {1: {"lr": 1e3}}})
-    with pytest.raises(NonFiniteError, match=r"is (nan|inf) at step (\d+); stopped before that update\. the last "
+    with pytest.raises(NonFiniteError, match=r"is (nan|inf) at step (\d+); stopped before that update\. The last "
                                              r"good checkpoint is .*step-\d+"):
         StageRunner(r, 1, data=_batches(4), **QUIET).run()
     ckpts = sorted((tmp_path / "o" / "stage1-checkpoints").glob("step-*"))

@@ -12,7 +12,11 @@ Per stage k the run writes, under the recipe's output_dir:
 
 Nothing is unpickled: optimizer state is read with torch.load(weights_only=True), RNG states are JSON +
 safetensors, the rest JSON. `resume=True` continues from the newest complete checkpoint so that the final
-weights are bit-identical to an uninterrupted run (same machine / software; tests/distill/test_trainer.py).
+weights are bit-identical to an uninterrupted run (same machine / software; tests/distill/test_trainer.py); a
+damaged newest checkpoint is reported and the previous one used, and one made from another teacher or with other
+settings (`Recipe.settings`, recorded in every manifest) is refused unless `allow_changed`. SIGINT / SIGTERM save a
+checkpoint at the next step boundary (`Interrupted`, exit 130 / 143 in the CLI; a second signal aborts at once). A
+nan / inf loss or gradient norm stops before that update (`NonFiniteError`), so no checkpoint ever holds its weights.
 
 Data across processes: the micro-batches form one global sequence over epochs; process r of n takes every n-th
 (`DataStream`), so a run with n processes and accumulation k takes the same samples per optimizer step as one
@@ -1070,9 +1074,9 @@ class StageRunner:
             return
         self._write_log({"step": step, "loss": loss, "grad_norm": gn, "stopped": "non-finite loss or gradient norm"})
         ckpt = latest_checkpoint(self.ckpt_dir)
-        where = (f"the last good checkpoint is {ckpt} (step {int(ckpt.name[5:])}); continue from it with --resume "
+        where = (f"The last good checkpoint is {ckpt} (step {int(ckpt.name[5:])}); continue from it with --resume "
                  "after the change (and --allow-changed)" if ckpt is not None
-                 else "no checkpoint was written yet in this stage")
+                 else "No checkpoint was written yet in this stage")
         raise NonFiniteError(
             f"stage {self.stage}: the {'loss' if not math.isfinite(loss) else 'gradient norm'} is "
             f"{loss if not math.isfinite(loss) else gn} at step {step}; stopped before that update. {where}. "
