@@ -36,3 +36,14 @@ def test_item12_demo_arguments_are_validated(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--steps", "0"])
     assert "--steps: 0 is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["ppl", "f.txt", "--model", "m", "--window", "0"], "--window: 0 is out of range: at least 2"),
+    (["eval", "--model", "m", "--bench", "easy-vqa", "--batch-size", "-1"], "--batch-size: -1 is out of range"),
+    (["eval", "--model", "m", "--bench", "easy-vqa", "--dtype", "float8"], "--dtype: invalid choice"),
+])
+def test_item12_eval_and_ppl_arguments_are_validated(argv, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err

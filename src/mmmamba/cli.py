@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -43,6 +44,7 @@ def _device(text: str) -> str:
     return text
 
 
+POSITIVE = _number(int, 1, what="at least 1")
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -318,19 +320,19 @@ def _add_eval_parsers(sub) -> None:
     e.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
     e.add_argument("--bench", required=True,
                    help="easy-vqa | fashion-mnist | fashion-mnist-open | a VLMEvalKit .tsv | a .jsonl")
-    e.add_argument("--limit", type=int, help="first N items only")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--limit", type=POSITIVE, help="first N items only")
+    e.add_argument("--batch-size", type=POSITIVE, default=16)
     e.add_argument("--mode", default="generate", choices=["generate", "loglik"],
                    help="greedy answers + answer extraction, or the best-scoring option (log-likelihood)")
-    e.add_argument("--max-new-tokens", type=int, help="default: 32 (16 for yes / no)")
-    e.add_argument("--max-tiles", type=int, help="image tiles (default: the model's vision_config, else 6)")
+    e.add_argument("--max-new-tokens", type=POSITIVE, help="default: 32 (16 for yes / no)")
+    e.add_argument("--max-tiles", type=POSITIVE, help="image tiles (default: the model's vision_config, else 6)")
     e.add_argument("--out", help="folder for results.json, results.md and predictions.jsonl")
     e.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="wrap the prompt in the tokenizer's chat template (default on)")
     e.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
                    help="fast inference engine for generation; default: on for CUDA")
-    e.add_argument("--device", default=device)
-    e.add_argument("--dtype", default="float32")
+    e.add_argument("--device", type=_device, default=device)
+    e.add_argument("--dtype", default="float32", choices=DTYPES)
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -338,14 +340,14 @@ def _add_eval_parsers(sub) -> None:
     q.add_argument("file", help="UTF-8 text file")
     q.add_argument("--model", required=True, help="mmmamba or transformers folder, or 'smollm2'")
     q.add_argument("--teacher", help="also report top-1 agreement and KL(teacher || model) against this model")
-    q.add_argument("--window", type=int, default=2048, help="tokens per forward")
-    q.add_argument("--stride", type=int, help="new tokens scored per window after the first (default window/2)")
-    q.add_argument("--limit-tokens", type=int, help="first N tokens of the file only")
+    q.add_argument("--window", type=_number(int, 2, what="at least 2"), default=2048, help="tokens per forward")
+    q.add_argument("--stride", type=POSITIVE, help="new tokens scored per window after the first (default window/2)")
+    q.add_argument("--limit-tokens", type=_number(int, 2, what="at least 2"), help="first N tokens of the file only")
     q.add_argument("--add-bos", action="store_true", help="put the tokenizer's BOS before the text")
-    q.add_argument("--batch-size", type=int, default=8, help="windows per forward (sliding window)")
+    q.add_argument("--batch-size", type=POSITIVE, default=8, help="windows per forward (sliding window)")
     q.add_argument("--out", help="also write the metrics as JSON to this file")
-    q.add_argument("--device", default=device)
-    q.add_argument("--dtype", default="float32")
+    q.add_argument("--device", type=_device, default=device)
+    q.add_argument("--dtype", default="float32", choices=DTYPES)
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=cmd_ppl)
 def _add_chat_arguments(c) -> None:
@@ -396,10 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="offline CPU demo: SmolLM2 -> hybrid student, three short stages, metrics")
     m.add_argument("--out", default="runs/demo", help="output folder (a previous demo there is replaced)")
-    m.add_argument("--steps", type=_number(int, 1, what="at least 1"), default=20,
+    m.add_argument("--steps", type=POSITIVE, default=20,
                    help="optimizer steps of stages 1 and 2 (stage 3: 3/5 of it)")
     m.add_argument("--seq-len", type=_number(int, 2, what="at least 2"), default=256)
-    m.add_argument("--batch", type=_number(int, 1, what="at least 1"), default=4)
+    m.add_argument("--batch", type=POSITIVE, default=4)
     m.add_argument("--placement", default="every:4", help="attention layers of the hybrid (every:K, list, none)")
     m.set_defaults(func=cmd_demo)
 
