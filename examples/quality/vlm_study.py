@@ -206,7 +206,7 @@ def cmd_teacher(args) -> int:
     log = train_sft(vlm, loader, args.steps, lr=args.lr, new_lr=args.new_lr, new_prefixes=new,
                     progress=not args.no_progress, time_budget_s=args.time_budget)
     train_s = time.time() - t2
-    save_model(vlm, work / "vlm_teacher", tok)
+    save_model(vlm, work / "vlm_teacher", tok, overwrite=True)  # a rerun replaces it
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     vlm = vlm.to(dtype).eval()
     smollm2 = llm.to(device, dtype).eval()
