@@ -158,10 +158,12 @@ def test_item05_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, damag
         f.write_bytes(bytes(raw))
     stale = ck / ".step-00000006.tmp-x1y2"
     (stale / "trainer").mkdir(parents=True)
+    (ck / ".step-00000002.old-99").mkdir()  # an interrupted replace whose target exists again: deleted
     said = []
     StageRunner(rb, 1, data=data, resume=True, progress=False, log=said.append).run()
     assert any("step-00000004 is damaged" in m and "using the previous one, step-00000002" in m for m in said), said
     assert any("resuming from" in m and "step 2" in m for m in said) and not stale.exists()
+    assert not (ck / ".step-00000002.old-99").exists()
     _assert_identical(tmp_path / "a" / "stage1", tmp_path / "b" / "stage1")
 
 
@@ -262,3 +264,15 @@ def test_item15_manifests_relative_paths_and_model_card(tmp_path):
         assert part in card, (part, card)
     assert "Seeded with init `mimic`" in (tmp_path / "o" / "seed" / "README.md").read_text()
     assert (tmp_path / "o" / "stage1" / "README.md").exists()
+
+
+def test_item05_interrupted_replace_restores_the_old_folder(tmp_path):
+    """An atomic replace interrupted between its two renames leaves only `.NAME.old-PID`: it is renamed back, not
+    deleted; temporary folders go."""
+    from mmmamba.distill.trainer import remove_stale_temporaries
+
+    (tmp_path / ".stage1.old-123").mkdir()
+    (tmp_path / ".stage1.old-123" / "model.safetensors").write_text("x")
+    (tmp_path / ".stage1.tmp-abc").mkdir()
+    assert len(remove_stale_temporaries(tmp_path)) == 2
+    assert (tmp_path / "stage1" / "model.safetensors").read_text() == "x" and not list(tmp_path.glob(".*"))

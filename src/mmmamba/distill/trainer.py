@@ -530,8 +530,11 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     try:
         check_model_folder(ckpt)
         t = ckpt / "trainer"
-        for name in ("state.json", "scheduler.json", "rng_0.json"):
-            json.loads((t / name).read_text())
+        rng = sorted(t.glob("rng_*.json"))
+        if not rng:
+            return f"{t} has no RNG state (rng_0.json)"
+        for f in [t / "state.json", t / "scheduler.json", *rng]:
+            json.loads(f.read_text())
         read_manifest(ckpt)
         with zipfile.ZipFile(t / "optimizer.pt") as z:  # torch.save writes a zip archive: check every CRC
             bad = z.testzip()
@@ -539,20 +542,31 @@ def checkpoint_problem(ckpt: Path) -> str | None:
             return f"{t / 'optimizer.pt'}: {bad} is corrupt"
         from safetensors.torch import load_file
 
-        load_file(str(t / "rng_0.safetensors"))
+        for f in rng:
+            load_file(str(f.with_suffix(".safetensors")))
     except Exception as e:  # any unreadable part: json, zip, safetensors and the model checks raise their own types
         return str(e)
     return None
 
 
 def remove_stale_temporaries(*folders: Path) -> list[Path]:
-    """Delete the `.NAME.tmp-*` / `.NAME.old-*` folders that an interrupted atomic write (io.atomic_dir) left."""
+    """Clean up after atomic writes (io.atomic_dir) that were interrupted: delete their `.NAME.tmp-*` folders, and
+    a `.NAME.old-*` folder where NAME exists again (if NAME is missing, the old folder is its only copy: it is
+    renamed back). Returns the paths handled."""
     gone = []
     for f in folders:
-        if f.is_dir():
-            for p in list(f.glob(".*.tmp-*")) + list(f.glob(".*.old-*")):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                gone.append(p)
+        if not f.is_dir():
+            continue
+        for p in f.glob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+        for p in f.glob(".*.old-*"):
+            name = f / p.name[1:].rsplit(".old-", 1)[0]
+            if name.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, name)
+            gone.append(p)
     return gone
 
 
@@ -807,7 +821,7 @@ class StageRunner:
         folders of interrupted writes are removed."""
         if self.acc.is_main_process:
             for p in remove_stale_temporaries(self.ckpt_dir, self.out):
-                self.log(f"stage {self.stage}: removed {p}, left by an interrupted write")
+                self.log(f"stage {self.stage}: cleaned up {p}, left by an interrupted write")
         self.acc.wait_for_everyone()
         ckpt = latest_checkpoint(self.ckpt_dir, log=self.log)
         if ckpt is not None and not self.resume:
