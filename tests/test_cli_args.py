@@ -18,6 +18,7 @@ GEN = ["generate", "--model", "unused", "--prompt", "hi"]
     (["--temperature", "-1"], "--temperature: -1 is out of range: 0 (greedy) or more"),
     (["--top-p", "0"], "--top-p: 0 is out of range: in (0, 1]"),
     (["--device", "tpu9"], "--device: 'tpu9' is not a device"),
+    (["--temperature", "nan"], "--temperature: 'nan' is not a finite number"),
 ])
 def test_item12_generate_arguments_are_validated(args, says, capsys):
     with pytest.raises(SystemExit) as e:

@@ -23,6 +23,8 @@ def _number(kind, low=None, high=None, low_open=False, what=""):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return v
