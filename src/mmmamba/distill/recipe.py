@@ -22,6 +22,8 @@ stages:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -147,9 +149,6 @@ RUN_ONLY_KEYS = {"stage", "log_every", "save_every", "keep_checkpoints", "compil
 
 
 def settings_sha256(settings: dict) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
