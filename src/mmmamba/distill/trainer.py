@@ -1058,7 +1058,9 @@ class StageRunner:
 
     def _next_nonempty(self, stream, limit: int = 1000) -> dict:
         """The next micro-batch that has rows: one whose every row was dropped (images unreadable since the data
-        scan; the collator warned about each) is skipped and reported."""
+        scan; the collator warned about each) is skipped and reported. Every process still runs `accum` forward /
+        backward passes per step (no DDP hang); with several processes, the skipping one is then a micro-batch
+        ahead, so a later --resume (positioned by the first process) may start a micro-batch off on the others."""
         for _ in range(limit):
             batch = stream.next()
             if batch["input_ids"].shape[0] > 0:
