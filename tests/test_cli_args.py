@@ -43,8 +43,11 @@ def test_item12_demo_arguments_are_validated(capsys):
     (["ppl", "f.txt", "--model", "m", "--window", "0"], "--window: 0 is out of range: at least 2"),
     (["eval", "--model", "m", "--bench", "easy-vqa", "--batch-size", "-1"], "--batch-size: -1 is out of range"),
     (["eval", "--model", "m", "--bench", "easy-vqa", "--dtype", "float8"], "--dtype: invalid choice"),
+    (["chat", "--model", "m", "--top-k", "-3"], "--top-k: -3 is out of range"),
+    (["chat", "--model", "m", "--repetition-penalty", "0"], "--repetition-penalty: 0 is out of range: above 0"),
+    (["serve", "--model", "m", "--port", "70000"], "--port: 70000 is out of range: 1-65535"),
 ])
-def test_item12_eval_and_ppl_arguments_are_validated(argv, says, capsys):
+def test_item12_eval_ppl_chat_serve_arguments_are_validated(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err

@@ -354,17 +354,18 @@ def _add_eval_parsers(sub) -> None:
     q.set_defaults(func=cmd_ppl)
 def _add_chat_arguments(c) -> None:
     c.add_argument("--model", required=True, help="mmmamba, transformers or HoVLE folder, or 'smollm2'")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest answer")
-    c.add_argument("--max-context", type=int, default=None,
+    c.add_argument("--max-new-tokens", type=_number(int, 1, what="at least 1 token"), default=256,
+                   help="longest answer")
+    c.add_argument("--max-context", type=_number(int, 2, what="at least 2"), default=None,
                    help="tokens of history + answer; the oldest turns are dropped beyond it "
                         "(default: the model's max_position_embeddings)")
-    c.add_argument("--max-tiles", type=int, default=6)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=float, default=1.0)
-    c.add_argument("--repetition-penalty", type=float, default=1.0)
-    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    c.add_argument("--dtype", default="float32")
+    c.add_argument("--max-tiles", type=_number(int, 1, what="at least 1 tile"), default=6)
+    c.add_argument("--temperature", type=_number(float, 0, what="0 (greedy) or more"), default=0.0, help="0 = greedy")
+    c.add_argument("--top-k", type=_number(int, 0, what="0 (off) or more"), default=0)
+    c.add_argument("--top-p", type=_number(float, 0, 1, low_open=True, what="in (0, 1]"), default=1.0)
+    c.add_argument("--repetition-penalty", type=_number(float, 0, low_open=True, what="above 0"), default=1.0)
+    c.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--dtype", default="float32", choices=DTYPES)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--engine", action=argparse.BooleanOptionalAction, default=None,
                    help="fast engine (static cache, fused kernels, CUDA graph); default: on for CUDA")
@@ -436,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("serve", help="web demo: chat with a model in the browser (image upload, streamed answers)")
     _add_chat_arguments(w)
     w.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--port", type=_number(int, 1, 65535, what="1-65535"), default=8000)
     w.set_defaults(func=cmd_serve)
 
     from .bench.run import add_arguments as add_bench_arguments
