@@ -488,7 +488,7 @@ def _duration(seconds: float) -> str:
 def check_placement(spec, num_layers: int, source: str | None = None) -> None:
     """Raise ValueError before the first step when the recipe's placement does not fit the teacher's layers
     (an index out of range, more stacked or auto-chosen layers than it has), instead of at stage 3."""
-    from .placement import auto_count, parse_placement
+    from ..models.placement import auto_count, parse_placement
 
     where = f"{source or 'recipe'}: placement {spec!r}"
     n = auto_count(spec)
