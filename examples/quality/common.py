@@ -99,12 +99,14 @@ def stage_summary(out_dir: Path, stage: int) -> dict:
 
 def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str = "mimic", data=None,
             data_cfg: dict | None = None, seed: int = 0, cuda_graph: bool = False, run_stages=(1, 2, 3),
-            student: str | None = None, log=print) -> dict:
+            student: str | None = None, stages12_from: Path | None = None, log=print) -> dict:
     """Seed from `teacher` (or start from the seeded `student` folder) and run `run_stages` of the three-stage
     recipe with the framework's trainer.
 
     `stages`: {k: {steps, batch_size, micro_batch_size, lr, seq_len?, loss?}}; returns per-stage wall time, steps,
-    tokens and losses, and the folder of the last stage."""
+    tokens and losses, and the folder of the last stage. `stages12_from`: the output folder of an earlier run of
+    the same teacher and stage 1-2 settings; stages 1-2 train every layer as Mamba-2 whatever the placement (which
+    only acts in stage 3), so a second placement needs only stage 3, from that run's stage 2."""
     from mmmamba.distill.recipe import parse_recipe
     from mmmamba.distill.trainer import StageRunner
 
@@ -113,8 +115,19 @@ def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str =
            "student": student,
            "placement": placement, "data": data_cfg or {}, "precision": "auto", "defaults": common,
            "stages": {k: v for k, v in stages.items()}}
+    if stages12_from is not None:
+        raw["stages"][3] = {**raw["stages"][3], "input": str(Path(stages12_from) / "stage2"), "input_stage": 2}
+        run_stages = (3,)
     recipe = parse_recipe(raw, source="examples/quality")
     result, folder = {"init": init, "placement": placement, "stages": {}}, None
+    if stages12_from is not None:
+        result["stages12_from"] = str(stages12_from)
+        for k in (1, 2):
+            cfg = recipe.stages[k]
+            result["stages"][k] = {"seconds": None, "shared": True, "steps": cfg.steps, "lr": cfg.lr,
+                                   "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
+                                   "tokens": cfg.batch_size * (cfg.seq_len or 0) * cfg.steps,
+                                   **stage_summary(Path(stages12_from), k)}
     for k in run_stages:
         t0 = time.time()
         folder = StageRunner(recipe, k, data=data, progress=False, log=log).run()

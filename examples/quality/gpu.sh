@@ -48,10 +48,10 @@ case "$STEP" in
     install_wheels
     python3 examples/quality/text_study.py --out "$OUT/text_teacher.json" samples ${SAMPLE_ARGS:-} 2>&1 \
       | tee "$OUT/text_teacher.log"
-    for name in ${STUDENTS:-hybrid linear}; do
-      p=every:4; [ "$name" = linear ] && p=none
+    for name in ${STUDENTS:-hybrid linear}; do  # the linear student shares the hybrid's stages 1-2
+      p=every:4 share=""; [ "$name" = linear ] && p=none share="--stages12-from hybrid"
       python3 examples/quality/text_study.py --out "$OUT/text_$name.json" student --name $name --placement $p \
-        ${STUDENT_ARGS:---budget-from $KEEP/warmup.json} 2>&1 | tee "$OUT/text_$name.log"
+        $share ${STUDENT_ARGS:---budget-from $KEEP/warmup.json} 2>&1 | tee "$OUT/text_$name.log"
     done
     ;;
   vlm)  # the VLM teacher (built on SmolLM2, fine-tuned), then its hybrid and linear students
@@ -61,9 +61,9 @@ case "$STEP" in
     python3 examples/quality/vlm_study.py --out "$OUT/vlm_teacher.json" --no-progress ${VLM_ARGS:-} teacher \
       ${TEACHER_ARGS:---time-budget 150} 2>&1 | tee "$OUT/vlm_teacher.log"
     for name in ${STUDENTS:-hybrid linear}; do
-      p=every:4; [ "$name" = linear ] && p=none
+      p=every:4 share=""; [ "$name" = linear ] && p=none share="--stages12-from hybrid"
       python3 examples/quality/vlm_study.py --out "$OUT/vlm_$name.json" --no-progress ${VLM_ARGS:-} student \
-        --name $name --placement $p ${STUDENT_ARGS:-} 2>&1 | tee "$OUT/vlm_$name.log"
+        --name $name --placement $p $share ${STUDENT_ARGS:-} 2>&1 | tee "$OUT/vlm_$name.log"
     done
     ;;
   *) echo "unknown step $STEP"; exit 2 ;;

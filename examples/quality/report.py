@@ -95,7 +95,9 @@ def text_section(raw: Path, out: Path) -> list[str]:
         for k, s in r["distill"]["stages"].items():
             lines.append(f"| {n} | {k} | {s['steps']} | {s['batch_size']} × {s['seq_len']} | {fmt(s['tokens'], 0)} "
                          f"| {fmt(r['epochs_per_stage'][k])} | {s['lr']:g} | {fmt(s.get('first_loss'), 3)} → "
-                         f"{fmt(s.get('last_loss'), 3)} | {fmt(s['seconds'], 0)} |")
+                         f"{fmt(s.get('last_loss'), 3)} | "
+                         + (f"shared with {Path(r['distill']['stages12_from']).name} |" if s.get("shared")
+                            else f"{fmt(s['seconds'], 0)} |"))
     mix = next((r["training_mix_tokens"] for r in runs.values() if r), None)
     if mix:
         lines += ["", "Training mix (tokens): " + ", ".join(f"{k} {fmt(v, 0)}" for k, v in mix.items())

@@ -230,9 +230,10 @@ def cmd_student(args) -> int:
     mix, mix_counts = training_mix(work)
     placement = None if args.placement in ("none", "linear") else args.placement
     seeded = calibrated_seed(args, work, mix, device) if args.init == "calibrated" else None
+    shared = work / args.stages12_from if args.stages12_from else None
     run = distill(args.teacher, work / args.name, placement, stage_settings(args),
                   init="mimic" if seeded else args.init, data=packed_data(mix, args.seq_len),
-                  cuda_graph=device == "cuda", student=seeded)
+                  cuda_graph=device == "cuda", student=seeded, stages12_from=shared)
     teacher, tok, path = load_teacher_model(args.teacher, device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     student = load_model(run["folder"]).to(device, dtype).eval()
@@ -299,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--placement", default="every:4", help="every:K, a list, or none (mmMamba-linear)")
     t.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch", "calibrated"],
                    help="calibrated: mimic + the calibrated output gate (distill.gate_calibration)")
+    t.add_argument("--stages12-from", help="name of an earlier student run (same settings) whose stages 1-2 this "
+                   "one shares: only stage 3 runs (placement acts in stage 3 only)")
     t.add_argument("--budget-from", help="warm-up JSON: choose --steps to fit --stage-seconds on this machine")
     t.add_argument("--stage-seconds", default="50,55,75")
     t.set_defaults(func=cmd_student)

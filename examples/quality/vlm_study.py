@@ -241,8 +241,9 @@ def cmd_student(args) -> int:
     teacher_dir = work / "vlm_teacher"
     jsonl = work / "vlm_data" / "train.jsonl"
     placement = None if args.placement in ("none", "linear") else args.placement
+    shared = work / f"vlm_{args.stages12_from}" if args.stages12_from else None
     run = distill(str(teacher_dir), work / f"vlm_{args.name}", placement, stage_settings(args), init=args.init,
-                  data_cfg=data_cfg(jsonl, args.workers))
+                  data_cfg=data_cfg(jsonl, args.workers), stages12_from=shared)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     student = load_model(run["folder"]).to(device, dtype).eval()
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--micro-batch", type=int, default=64)
     s.add_argument("--lr3", type=float, default=2e-4)
+    s.add_argument("--stages12-from", help="an earlier student (same settings) whose stages 1-2 this one shares")
     s.set_defaults(func=cmd_student)
     return p
 

@@ -61,6 +61,13 @@ def test_text_study_phases_and_report(study, tmp_path):
     _run("text_study.py", common + ["--out", str(tmp_path / "text_linear.json"), "student", "--name", "linear",
                                     "--placement", "none", "--init", "calibrated", "--steps", "2,2,2", "--batch", "2",
                                     "--micro-batch", "2", "--seq-len", "32"], data)
+    _run("text_study.py", common + ["--out", str(tmp_path / "text_linear-shared.json"), "student", "--name",
+                                    "linear-shared", "--placement", "none", "--stages12-from", "hybrid", "--steps",
+                                    "2,2,2", "--batch", "2", "--micro-batch", "2", "--seq-len", "32"], data)
+    shared = json.loads((tmp_path / "text_linear-shared.json").read_text())
+    assert shared["distill"]["stages"]["1"]["shared"] and shared["mamba_layers"] == 4
+    assert shared["distill"]["stages"]["2"]["last_loss"] == json.loads(
+        (tmp_path / "text_hybrid.json").read_text())["distill"]["stages"]["2"]["last_loss"]
     t = json.loads((tmp_path / "text_teacher.json").read_text())
     assert t["sample_tokens"]["train"] > 0 and set(t["heldout"]) >= {"kjv", "gcide", "pydocs", "teacher_samples"}
     for name in ("hybrid", "linear"):
