@@ -78,8 +78,12 @@ def main(argv=None) -> int:
             rows[name] = {**layer_metrics(s, acts), "perplexity": perplexity(s, batches),
                           "kl_to_teacher": kl_to_teacher(s, teacher, batches)}
             print(name, {k: v for k, v in rows[name].items() if k != "cosine_per_layer"}, flush=True)
-    write_json(Path(args.out), {"env": environment(), "seq_len": L, "calibration_sequences": args.calib,
-                                "eval_sequences": args.eval, "results": rows, "seconds": round(time.time() - t0, 1)})
+    import sys
+
+    command = "python examples/quality/gate_init.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_json(Path(args.out), {"env": environment(), "command": command, "seq_len": L,
+                                "calibration_sequences": args.calib, "eval_sequences": args.eval, "results": rows,
+                                "seconds": round(time.time() - t0, 1)})
     return 0
 
 
