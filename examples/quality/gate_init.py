@@ -44,8 +44,8 @@ def seeded(teacher, placement, init: str, calib) -> torch.nn.Module:
     from mmmamba.distill.seed import seed_student
 
     s = seed_student(teacher, placement, mode="mimic").eval()
-    if init == "calibrated":
-        calibrate_gates(s, calib)
+    if init.startswith("calibrated"):
+        calibrate_gates(s, calib, keep_random=init == "calibrated+random")
     return s
 
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     batches = [{"input_ids": eval_ids[i:i + 2]} for i in range(0, args.eval, 2)]
     rows = {"teacher": {"perplexity": perplexity(teacher, batches)}}
     for placement in (None, "every:4"):
-        for init in ("paper", "calibrated"):
+        for init in ("paper", "calibrated", "calibrated+random"):
             s = seeded(teacher, placement, init, calib)
             name = f"{'linear' if placement is None else 'hybrid'}/{init}"
             rows[name] = {**layer_metrics(s, acts), "perplexity": perplexity(s, batches),

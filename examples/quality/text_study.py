@@ -211,10 +211,11 @@ def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
     teacher = load_teacher(path).to(device).eval()
     ids = torch.from_numpy(mix[:4 * 1024].astype(np.int64)).view(4, 1024)
     student = seed_student(teacher, None, mode="mimic", seed=args.seed).eval()
-    layers = calibrate_gates(student, capture_attention(teacher, [ids[i:i + 1] for i in range(4)]))
+    layers = calibrate_gates(student, capture_attention(teacher, [ids[i:i + 1] for i in range(4)]),
+                             keep_random=args.init == "calibrated+random")
     out = work / f"{args.name}-seed"
     man = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
-                        init="mimic+calibrated-gate", seed=args.seed, calibrated_layers=layers,
+                        init=f"mimic+{args.init}-gate", seed=args.seed, calibrated_layers=layers,
                         calibration_tokens=int(ids.numel()))
     save_model(student.cpu(), out, AutoTokenizer.from_pretrained(path),
                {"mmmamba_manifest.json": json.dumps(man, indent=2) + "\n"})
@@ -229,7 +230,7 @@ def cmd_student(args) -> int:
     work = Path(args.work)
     mix, mix_counts = training_mix(work)
     placement = None if args.placement in ("none", "linear") else args.placement
-    seeded = calibrated_seed(args, work, mix, device) if args.init == "calibrated" else None
+    seeded = calibrated_seed(args, work, mix, device) if args.init.startswith("calibrated") else None
     shared = work / args.stages12_from if args.stages12_from else None
     run = distill(args.teacher, work / args.name, placement, stage_settings(args),
                   init="mimic" if seeded else args.init, data=packed_data(mix, args.seq_len),
@@ -298,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("student")
     t.add_argument("--name", required=True)
     t.add_argument("--placement", default="every:4", help="every:K, a list, or none (mmMamba-linear)")
-    t.add_argument("--init", default="mimic", choices=["mimic", "inherit", "scratch", "calibrated"],
-                   help="calibrated: mimic + the calibrated output gate (distill.gate_calibration)")
+    t.add_argument("--init", default="mimic",
+                   choices=["mimic", "inherit", "scratch", "calibrated", "calibrated+random"],
+                   help="calibrated: mimic + the calibrated output gate (distill.gate_calibration); "
+                        "calibrated+random: the calibrated term added to the paper's random gate")
     t.add_argument("--stages12-from", help="name of an earlier student run (same settings) whose stages 1-2 this "
                    "one shares: only stage 3 runs (placement acts in stage 3 only)")
     t.add_argument("--budget-from", help="warm-up JSON: choose --steps to fit --stage-seconds on this machine")

@@ -9,6 +9,9 @@ activations on a few sequences:
   SiLU(W_G u) is a near-constant positive factor;
 * the gated norm's weight w (head_dim,) by least squares against the attention's per-head output t:
   w_j = sum t_j n_j / sum n_j^2 over tokens and heads, n = RMSNorm(y) * SiLU(W_G u).
+
+With `keep_random=True` the paper's random W_G is kept and the calibrated rank-1 term added to it, so the gate rows
+start different from one another (the rank-1 term alone gives every row the same start).
 """
 
 from __future__ import annotations
@@ -44,11 +47,11 @@ def capture_attention(teacher, batches: Iterable[torch.Tensor]) -> dict[int, tup
 
 
 @torch.no_grad()
-def calibrate_gate(mixer, u: torch.Tensor, t: torch.Tensor, c: float = 3.0) -> None:
+def calibrate_gate(mixer, u: torch.Tensor, t: torch.Tensor, c: float = 3.0, keep_random: bool = False) -> None:
     """Set `mixer`'s W_G and gated-norm weight from inputs u (n, l, H) and attention outputs t (n, l, h, d)."""
     ubar = u.reshape(-1, u.shape[-1]).float().mean(0)
-    w = c * ubar / ubar.pow(2).sum()
-    mixer.g_proj.weight.copy_(w.to(mixer.g_proj.weight.dtype).expand_as(mixer.g_proj.weight))
+    w = (c * ubar / ubar.pow(2).sum()).to(mixer.g_proj.weight.dtype).expand_as(mixer.g_proj.weight)
+    mixer.g_proj.weight.copy_(w + mixer.g_proj.weight if keep_random else w)
     mixer.g_norm.weight.fill_(1.0)
     n = mixer.g_norm(*mixer.ssm_heads(u)).float()
     num = (n * t.float()).sum(dim=(0, 1, 2))
@@ -56,11 +59,12 @@ def calibrate_gate(mixer, u: torch.Tensor, t: torch.Tensor, c: float = 3.0) -> N
     mixer.g_norm.weight.copy_(num / den)
 
 
-def calibrate_gates(student, acts: dict[int, tuple[torch.Tensor, torch.Tensor]], c: float = 3.0) -> list[int]:
+def calibrate_gates(student, acts: dict[int, tuple[torch.Tensor, torch.Tensor]], c: float = 3.0,
+                    keep_random: bool = False) -> list[int]:
     """Calibrate every Mamba-2 layer of `student` that has captured teacher activations; returns their indices."""
     done = []
     for i, (u, t) in acts.items():
         if student.config.layer_types[i] == MAMBA2:
-            calibrate_gate(student.model.layers[i].mixer, u.to(student.device), t.to(student.device), c)
+            calibrate_gate(student.model.layers[i].mixer, u.to(student.device), t.to(student.device), c, keep_random)
             done.append(i)
     return done
