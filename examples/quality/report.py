@@ -155,8 +155,8 @@ def vlm_section(raw: Path, out: Path) -> list[str]:
     lines += [f"Teacher: SmolLM2-135M-Instruct with a patch-embedding vision front ({c['image_size']} px, "
               f"{c['patch_size']} px patches, pixel shuffle 0.5 → 16 image tokens) and {c['new_layers']} new decoder "
               "layers in front (identity at step 0), fine-tuned with `mmmamba.distill.sft` for "
-              f"{t.get('steps_done', c['steps'])} steps × {c['batch']} (lr {c['lr']:g} LLM, {c['new_lr']:g} new "
-              "parts) on "
+              f"{t.get('steps_done', c['steps'])} steps × {c['batch']} (lr {c['lr']:g} decoder layers, {c['new_lr']:g} "
+              "vision front) on "
               + ", ".join(f"{k} {v}" for k, v in t["training_rows"].items()) + " rows.", "",
               "| model | " + " | ".join(VLM_SETS) + " | text ppl (mean ratio to SmolLM2) |",
               "|---|" + "---|" * (len(VLM_SETS) + 1)]

@@ -201,7 +201,10 @@ def cmd_teacher(args) -> int:
     loader = build_dataloader(data_cfg(jsonl, args.workers), tok, vlm.config, args.batch, args.seed)
     data_s = time.time() - t1
     vlm = vlm.to(device)
-    new = ("model.vision.",) + tuple(f"model.layers.{i}." for i in range(args.new_layers))
+    # only the vision front gets the high rate: the new decoder layers also carry text, and Adam's first steps at
+    # 1e-3 on their zero output projections move every text token's residual stream by O(1) (measured on CPU:
+    # held-out text perplexity x250 after 6 steps); at the LLM's rate they start as the identity and learn slowly
+    new = ("model.vision.",)
     t2 = time.time()
     log = train_sft(vlm, loader, args.steps, lr=args.lr, new_lr=args.new_lr, new_prefixes=new,
                     progress=not args.no_progress, time_budget_s=args.time_budget)
@@ -276,8 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patch-size", type=int, default=8)
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--lr", type=float, default=5e-5, help="LLM layers")
-    t.add_argument("--new-lr", type=float, default=1e-3, help="vision front and new layers")
+    t.add_argument("--lr", type=float, default=5e-5, help="decoder layers (the LLM's and the new ones)")
+    t.add_argument("--new-lr", type=float, default=1e-3, help="vision front")
     t.add_argument("--text-rows", type=int, default=2000)
     t.add_argument("--time-budget", type=float, default=None, help="seconds of training (shortens --steps)")
     t.set_defaults(func=cmd_teacher)
