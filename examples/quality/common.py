@@ -20,20 +20,10 @@ HELDOUT_SETS = ("kjv", "gcide", "pydocs", "wordnet", "pydoc_topics")
 
 
 def write_json(path: Path, obj) -> None:
-    """Atomic JSON write (non-finite floats become null, so the file stays valid JSON)."""
-    def clean(x):
-        if isinstance(x, float) and not np.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
+    """Atomic JSON write; non-finite floats become null, so the file stays valid JSON (`mmmamba.io`)."""
+    from mmmamba.io import atomic_write_text, json_text
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json_text(obj, indent=2) + "\n")
 
 
 def environment() -> dict:

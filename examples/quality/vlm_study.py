@@ -27,10 +27,13 @@ import numpy as np
 import torch
 from common import DATA, HELDOUT_SETS, distill, environment, load_tokens, text_eval, write_json
 
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                  "Ankle boot")
-SHORT = "\nAnswer the question using a single word or phrase."
-MCQ = "\nAnswer with the option's letter from the given choices directly."
+from mmmamba.data.corpora import FASHION_MNIST_CLASSES
+from mmmamba.eval import prompts
+from mmmamba.eval.builtin import FASHION_QUESTION
+
+# the evaluation's own prompt wording (mmmamba.eval.prompts), so training and test prompts cannot drift apart
+SHORT = "\n" + prompts.SHORT
+MCQ = "\n" + prompts.MC
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -63,13 +66,13 @@ def write_images(work: Path, rng: np.random.Generator, limit: int | None = None)
     for i, (img, lab) in enumerate(list(zip(fm["train_images"], fm["train_labels"]))[:limit]):
         p = out / "img" / f"fm-{i}.png"
         Image.fromarray(img, mode="L").convert("RGB").save(p)
-        name = FMNIST_CLASSES[int(lab)]
+        name = FASHION_MNIST_CLASSES[int(lab)]
         if i % 2:
-            rows.append(_row(f"fm-{i}", str(p), "What piece of clothing is this?" + SHORT, name))
+            rows.append(_row(f"fm-{i}", str(p), FASHION_QUESTION + SHORT, name))
         else:
             order = list(rng.permutation(10))
-            rows.append(_row(f"fm-{i}", str(p), mcq_text("What piece of clothing is this?",
-                                                         [FMNIST_CLASSES[j] for j in order]),
+            rows.append(_row(f"fm-{i}", str(p), mcq_text(FASHION_QUESTION,
+                                                         [FASHION_MNIST_CLASSES[j] for j in order]),
                              LETTERS[order.index(int(lab))]))
     em = np.load(DATA / "vlm" / "emoji.npz")
     names = list(em["names"])
