@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# GPU re-check of the issue-14 renovation (and the kernels that landed without a GPU): decode against the reference
-# before (a tree in .carry/before, e.g. `git archive 7d82e3a src scripts | tar -x -C .carry/before`) and after, and
-# the GPU-only kernel tests. Carry .whl (fla-core) and .carry/before. Results under $OUT.
+# GPU re-check of the issue-14 renovation (and the kernels that landed without a GPU): the GPU-only kernel tests, then
+# decode against the reference and a short decode bench, before (a tree in .carry/before, e.g.
+# `git archive 7d82e3a src scripts | tar -x -C .carry/before`) and after, on the same card in one call.
+# Carry .whl (fla-core, pytest) and .carry/before. Results under $OUT (RENO_TESTS=0 skips the tests).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 nvidia-smi --query-gpu=name,uuid --format=csv | tee "$OUT/gpu.txt"
-PYTHONPATH=/tmp/site:$PWD/src timeout 240 python3 -m pytest -q -rs tests/ops/test_gated_norm.py tests/ops/test_add_norm.py tests/ops/test_gla_prep.py tests/ops/test_swiglu.py tests/distill/test_graphs.py tests/inference/test_engine.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+if [ "${RENO_TESTS:-1}" = 1 ]; then
+  PYTHONPATH=/tmp/site:$PWD/src timeout 150 python3 -m pytest -q -rs tests/ops/test_gated_norm.py \
+    tests/ops/test_add_norm.py tests/ops/test_gla_prep.py tests/ops/test_swiglu.py tests/distill/test_graphs.py \
+    tests/inference/test_engine.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+fi
 for side in before after; do
   root=$PWD; [ $side = before ] && root=$PWD/.carry/before
-  PYTHONPATH=/tmp/site:$root/src timeout 150 python3 $root/scripts/gpu/check_decode.py --out "$OUT/decode-$side" \
-    --steps 256 2>&1 | tail -15 | tee "$OUT/decode-$side.txt"
+  PYTHONPATH=/tmp/site:$root/src timeout 100 python3 $root/scripts/gpu/check_decode.py --out "$OUT/decode-$side" \
+    --steps 256 2>&1 | tail -32 | tee "$OUT/decode-$side.txt"
+done
+for side in before after after2; do  # after2: the same tree again, to see the noise
+  root=$PWD; [ $side = before ] && root=$PWD/.carry/before
+  PYTHONPATH=/tmp/site:$root/src timeout 80 python3 -m mmmamba.cli bench --models linear,hybrid --contexts 4k,32k \
+    --prefill-contexts 4k --batch-models "" --table2-out 0 --compare-torch-contexts 4k --budget-s 50 \
+    --out "$OUT/bench-$side" 2>&1 | tail -12 | tee "$OUT/bench-$side.txt"
 done
