@@ -96,7 +96,9 @@ def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str =
     `stages`: {k: {steps, batch_size, micro_batch_size, lr, seq_len?, loss?}}; returns per-stage wall time, steps,
     tokens and losses, and the folder of the last stage. `stages12_from`: the output folder of an earlier run of
     the same teacher and stage 1-2 settings; stages 1-2 train every layer as Mamba-2 whatever the placement (which
-    only acts in stage 3), so a second placement needs only stage 3, from that run's stage 2."""
+    only acts in stage 3), so a second placement needs only stage 3, from that run's stage 2. A `run_stages`
+    without stage 1 (the stage ablation, PAPER Table 3) starts its first stage from the seed (`seed_folder`), and
+    each later stage from the last one run; none at all leaves the seeded student."""
     from mmmamba.distill.recipe import parse_recipe
     from mmmamba.distill.trainer import StageRunner
 
@@ -108,6 +110,12 @@ def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str =
     if stages12_from is not None:
         raw["stages"][3] = {**raw["stages"][3], "input": str(Path(stages12_from) / "stage2"), "input_stage": 2}
         run_stages = (3,)
+    elif 1 not in run_stages:
+        seed = seed_folder(teacher, out_dir / "seed", init, seed, student=student)
+        for prev, k in zip(["seed", *run_stages], run_stages):
+            src = seed if prev == "seed" else out_dir / f"stage{prev}"
+            if prev == "seed" or k != prev + 1:
+                raw["stages"][k] = {**raw["stages"][k], "input": str(src), "input_stage": prev}
     recipe = parse_recipe(raw, source="examples/quality")
     result, folder = {"init": init, "placement": placement, "stages": {}}, None
     if stages12_from is not None:
@@ -126,8 +134,31 @@ def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str =
         result["stages"][k] = {"seconds": round(time.time() - t0, 1), "steps": cfg.steps, "lr": cfg.lr,
                                "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
                                "tokens": tokens_per_step * cfg.steps, **stage_summary(out_dir, k)}
-    result["folder"] = str(folder)
+    result["folder"] = str(folder or seed_folder(teacher, out_dir / "seed", init, seed, student=student))
     return result
+
+
+def seed_folder(teacher: str, out: Path, init: str, seed: int, *, student: str | None = None) -> Path:
+    """The seeded all-Mamba-2 student (PAPER §4.5) as stage 1 would write it, for runs that skip stage 1 (or
+    `student`, an already seeded folder, as it is)."""
+    if student is not None:
+        return Path(student)
+    from transformers import AutoTokenizer
+
+    from mmmamba.distill.manifest import make_manifest, read_manifest, teacher_identity
+    from mmmamba.distill.seed import seed_student
+    from mmmamba.io import save_model
+    from mmmamba.teachers.hf import load_teacher, resolve_teacher
+
+    if out.is_dir() and (read_manifest(out) or {}).get("init") == init:
+        return out
+    path = resolve_teacher(teacher)
+    model = seed_student(load_teacher(path).eval(), None, mode=init, seed=seed)
+    man = make_manifest("seed", teacher_identity(path, spec=str(teacher)), model.config.layer_types, init=init,
+                        seed=seed)
+    save_model(model, out, AutoTokenizer.from_pretrained(path), {"mmmamba_manifest.json": json.dumps(man, indent=2)
+                                                                + "\n"})
+    return out
 
 
 @torch.no_grad()

@@ -247,6 +247,87 @@ def gate_section(raw: Path) -> list[str]:
     return lines
 
 
+# -------------------------------------------------------------------------------------------------- ablations
+ABLATIONS = {
+    3: ("Stages (PAPER Table 3, mmMamba-linear)", {"S1+S2+S3": "text_linear"},
+        ["none", "S1", "S2", "S3", "S1+S2", "S1+S3", "S2+S3", "S1+S2+S3"]),
+    4: ("Initialisation (PAPER Table 4, mmMamba-linear, all three stages)", {"mimic": "text_linear"},
+        ["scratch", "inherit", "mimic"]),
+    5: ("Number of attention layers (PAPER Table 5; stages 1-2 shared, stage 3 alone differs)",
+        {"0": "text_linear", "8": "text_hybrid"}, ["0", "1", "2", "4", "8"]),
+    6: ("Placement of 8 attention layers (PAPER Table 6; stages 1-2 shared)", {"head-interleaved": "text_hybrid"},
+        ["tail-stacked", "head-stacked", "tail-interleaved", "head-interleaved", "auto"]),
+}
+
+
+def summary(r: dict, t: dict) -> dict:
+    """Geometric-mean perplexity ratio to the teacher, mean top-1 agreement and mean KL over the held-out sets."""
+    sets = [s for s in t["heldout"] if s in r["heldout"]]
+    logr = sum(math.log(r["heldout"][s]["perplexity"] / t["heldout"][s]["perplexity"]) for s in sets) / len(sets)
+    return {"ratio": math.exp(logr),
+            "top1": sum(r["heldout"][s]["top1_agreement"] for s in sets) / len(sets),
+            "kl": sum(r["heldout"][s]["kl_to_teacher"] for s in sets) / len(sets),
+            "tokens": r.get("tokens_seen"), "layers": r.get("attention_layers"), "seconds": r.get("seconds")}
+
+
+def ablation_rows(raw: Path, table: int, t: dict) -> dict[str, dict | None]:
+    _, linked, order = ABLATIONS[table]
+    out = {}
+    for name in order:
+        r = load(raw, linked.get(name, f"ablation_t{table}_{name}"))
+        out[name] = None if r is None else {**summary(r, t), "main": name in linked}
+    return out
+
+
+def ablation_section(raw: Path, out: Path) -> list[str]:
+    t = load(raw, "text_teacher")
+    lines = ["## 4. Ablations in miniature (text model)", ""]
+    if t is None or not any(raw.glob("ablation_t*.json")):
+        return lines + ["Not run yet.", ""]
+    lines += ["`examples/quality/ablate.py`: every row is one `text_study.py student` run; rows of a table have the "
+              "same token budget (the main runs' settings). Ratio: geometric mean over the held-out sets of the "
+              "perplexity ratio to the teacher (1 is the teacher); top-1 and KL against the teacher, mean over the "
+              "sets. Rows marked * are the main runs of section 1.", ""]
+    tables = {}
+    for table, (title, _, _) in ABLATIONS.items():
+        rows = ablation_rows(raw, table, t)
+        if not any(v and not v["main"] for v in rows.values()):
+            continue
+        tables[table] = rows
+        lines += [f"### {title}", "", "| row | attention layers | tokens | ppl ratio | top-1 | KL | wall s |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, v in rows.items():
+            if v is None:
+                lines.append(f"| {name} | not run | | | | | |")
+                continue
+            lines.append(f"| {name}{' *' if v['main'] else ''} | {len(v['layers'] or [])} | {fmt(v['tokens'], 0)} | "
+                         f"{fmt(v['ratio'])}× | {fmt(v['top1'], 3)} | {fmt(v['kl'], 3)} | {fmt(v['seconds'], 0)} |")
+        best = min((n for n, v in rows.items() if v), key=lambda n: rows[n]["kl"])
+        lines += ["", f"Lowest KL: **{best}**.", ""]
+    plot_ablations(tables, out / "ablations.png")
+    return lines + ["![ablations: mean KL to the teacher per row](ablations.png)", ""]
+
+
+def plot_ablations(tables: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not tables:
+        return
+    fig, axes = plt.subplots(1, len(tables), figsize=(4.2 * len(tables), 3.6), squeeze=False)
+    for ax, (table, rows) in zip(axes[0], tables.items()):
+        names = [n for n, v in rows.items() if v]
+        ax.bar(names, [rows[n]["kl"] for n in names], color=["C1" if rows[n]["main"] else "C0" for n in names])
+        ax.set_title(f"Table {table}", fontsize=10)
+        ax.set_ylabel("mean KL to teacher")
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--raw", default="docs/results/quality/raw")
@@ -260,7 +341,7 @@ def main(argv=None) -> int:
             "date, commit and command). Reproduce: `examples/quality/README.md`.", ""]
     if args.note:
         head += [args.note, ""]
-    body = text_section(raw, out) + vlm_section(raw, out) + gate_section(raw)
+    body = text_section(raw, out) + vlm_section(raw, out) + gate_section(raw) + ablation_section(raw, out)
     (out / "README.md").write_text("\n".join(head + body) + "\n")
     print(f"wrote {out / 'README.md'}")
     return 0

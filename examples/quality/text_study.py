@@ -186,7 +186,7 @@ def stage_settings(args) -> dict:
     if getattr(args, "budget_from", None) and Path(args.budget_from).exists():
         args.steps = budget_steps(args.budget_from, args.stage_seconds, args.batch * args.seq_len)
         print(f"steps per stage from the warm-up's throughput ({args.budget_from}): {args.steps}", flush=True)
-    s1, s2, s3 = (int(x) for x in args.steps.split(","))
+    s1, s2, s3 = (max(1, int(x)) for x in args.steps.split(","))  # a stage left out of --stages never runs
     mb, mb3 = args.micro_batch, max(1, args.micro_batch // 2)
     return {
         1: dict(steps=s1, lr=1e-3, batch_size=args.batch, micro_batch_size=mb, seq_len=args.seq_len),
@@ -222,6 +222,16 @@ def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
     return str(out)
 
 
+def parse_stages(spec: str) -> tuple[int, ...]:
+    """"1,2,3", "2+3", "S1+S3" or "none" (seeding only) -> the stages to run, in order."""
+    parts = [x.strip().upper().removeprefix("S") for x in spec.replace("+", ",").split(",")]
+    if spec.strip().lower() in ("none", "seed", "0", ""):
+        return ()
+    if not all(p in ("1", "2", "3") for p in parts) or len(set(parts)) != len(parts):
+        raise SystemExit(f"--stages {spec!r}: give distinct stages from 1, 2, 3 (e.g. 1,3 or S2+S3), or none")
+    return tuple(sorted(int(p) for p in parts))
+
+
 def cmd_student(args) -> int:
     from mmmamba.io import load_model
 
@@ -234,7 +244,8 @@ def cmd_student(args) -> int:
     shared = work / args.stages12_from if args.stages12_from else None
     run = distill(args.teacher, work / args.name, placement, stage_settings(args),
                   init="mimic" if seeded else args.init, data=packed_data(mix, args.seq_len),
-                  cuda_graph=device == "cuda", student=seeded, stages12_from=shared)
+                  cuda_graph=device == "cuda", student=seeded, stages12_from=shared,
+                  run_stages=parse_stages(args.stages))
     teacher, tok, path = load_teacher_model(args.teacher, device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     student = load_model(run["folder"]).to(device, dtype).eval()
@@ -243,6 +254,7 @@ def cmd_student(args) -> int:
         "phase": "student", "name": args.name, "init": args.init, "teacher": path, "env": environment(),
         "command": args.command_line,
         "placement": placement, "attention_layers": student.config.attention_layers,
+        "stages_run": sorted(int(k) for k in run["stages"]),
         "mamba_layers": len(student.config.mamba_layers), "training_mix_tokens": mix_counts,
         "tokens_seen": seen,
         "epochs_per_stage": {k: round(s["tokens"] / mix.size, 2) for k, s in run["stages"].items()},
@@ -305,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "calibrated+random: the calibrated term added to the paper's random gate")
     t.add_argument("--stages12-from", help="name of an earlier student run (same settings) whose stages 1-2 this "
                    "one shares: only stage 3 runs (placement acts in stage 3 only)")
+    t.add_argument("--stages", default="1,2,3", help="the stages to run (PAPER Table 3 ablation), e.g. 1,3 or none "
+                   "(seeding only); a stage left out starts the next from the seed or the last stage run")
     t.add_argument("--budget-from", help="warm-up JSON: choose --steps to fit --stage-seconds on this machine")
     t.add_argument("--stage-seconds", default="50,55,75")
     t.set_defaults(func=cmd_student)

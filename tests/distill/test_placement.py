@@ -24,7 +24,7 @@ from mmmamba.models.placement import auto_count, layer_types_for, parse_placemen
         ("every:4", 32, [0, 4, 8, 12, 16, 20, 24, 28]),  # the paper's mmMamba-hybrid (METHOD.md 4)
         ("head-interleaved:4", 30, [0, 4, 8, 12, 16, 20, 24, 28]),
         ("tail-interleaved:4", 32, [3, 7, 11, 15, 19, 23, 27, 31]),
-        ("tail-interleaved:4", 30, [3, 7, 11, 15, 19, 23, 27]),
+        ("tail-interleaved:4", 30, [3, 7, 11, 15, 19, 23, 27, 29]),
         ("head-stacked:8", 32, list(range(8))),
         ("tail-stacked:8", 32, list(range(24, 32))),
         ("head-stacked:40", 32, list(range(32))),

@@ -81,6 +81,28 @@ def test_text_study_phases_and_report(study, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out / "README.md").read_text()
     assert "| hybrid |" in md and "| linear |" in md and (out / "text_loss_curves.png").exists()
+    assert "## 4. Ablations in miniature (text model)\n\nNot run yet." in md
+
+    # the ablation driver: stage subsets (seeding only; stages 2+3 from the seed) and placements on shared stages 1-2
+    passthrough = ["--", *common, "student", "--steps", "2,2,2", "--batch", "2", "--micro-batch", "2", "--seq-len",
+                   "32"]
+    _run("ablate.py", ["--table", "3", "--only", "none,S2+S3", "--layers", "4", "--raw", str(tmp_path), *passthrough],
+         data)
+    _run("ablate.py", ["--table", "6", "--only", "tail-interleaved,auto", "--layers", "4", "--raw", str(tmp_path),
+                       *passthrough], data)
+    seed_only = json.loads((tmp_path / "ablation_t3_none.json").read_text())
+    s23 = json.loads((tmp_path / "ablation_t3_S2+S3.json").read_text())
+    assert seed_only["stages_run"] == [] and seed_only["tokens_seen"] == 0
+    assert s23["stages_run"] == [2, 3] and s23["distill"]["stages"]["2"]["steps"] == 3  # 6 steps over 2 stages
+    assert s23["mamba_layers"] == 4 and s23["distill"]["stages"]["3"]["seconds"] > 0
+    auto = json.loads((tmp_path / "ablation_t6_auto.json").read_text())
+    assert len(auto["attention_layers"]) == 1 and auto["distill"]["stages"]["1"]["shared"]
+    assert json.loads((tmp_path / "ablation_t6_tail-interleaved.json").read_text())["attention_layers"] == [3]
+    r = subprocess.run([sys.executable, str(HERE / "report.py"), "--raw", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    md = (out / "README.md").read_text()
+    assert "| S2+S3 |" in md and "| none |" in md and "| auto |" in md and (out / "ablations.png").exists()
 
 
 def test_vlm_study_teacher_and_student(study, tmp_path):

@@ -1162,13 +1162,10 @@ class StageRunner:
         n = student.config.num_hidden_layers
         batches = None
         if auto_count(spec) is not None:
-            from .data import build_dataloader
-
-            self._need_tokenizer(tokenizer)
-            data_cfg = {**self.recipe.data, **(self.cfg.data or {})}
-            data_cfg.setdefault("max_length", self.cfg.seq_len)
-            batches = build_dataloader(data_cfg, tokenizer, student.config, self.cfg.micro_batch_size,
-                                       self.recipe.seed, "heldout")
+            # the recipe's held-out split; data handed to the runner has no split, so its batches score instead
+            if self.data is not None:
+                self.log("stage 3: placement sensitivity scored on the data given to the runner (no held-out split)")
+            batches = self._build_data(tokenizer, student.config, "heldout")
             dev = self.acc.device
             student.to(dev)
             teacher.to(dev)

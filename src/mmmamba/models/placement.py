@@ -10,7 +10,8 @@ def parse_placement(spec: str | list[int] | None, num_layers: int) -> list[int]:
     """Attention-layer indices from a placement spec.
 
     "every:K" / "head-interleaved:K": first layer of each block of K (paper default K = 4)
-    "tail-interleaved:K": last layer of each block of K
+    "tail-interleaved:K": last layer of each block of K (a shorter last block too, so both interleavings keep
+        the same count: 30 layers, K = 4 -> 3, 7, ..., 27, 29 as head-interleaved gives 0, 4, ..., 28)
     "head-stacked:N" / "tail-stacked:N": the first / last N layers
     "0,4,8" or a list: explicit indices; "none" or None: no attention (mmMamba-linear).
     "auto:N" needs models and held-out data: see `mmmamba.distill.sensitivity.resolve_placement`.
@@ -37,7 +38,7 @@ def parse_placement(spec: str | list[int] | None, num_layers: int) -> list[int]:
         if kind in ("every", "head-interleaved"):
             layers = list(range(0, num_layers, k))
         elif kind == "tail-interleaved":
-            layers = list(range(k - 1, num_layers, k))
+            layers = list(range(k - 1, num_layers, k)) + ([num_layers - 1] if num_layers % k else [])
         elif kind == "head-stacked":
             layers = list(range(min(k, num_layers)))
         elif kind == "tail-stacked":
