@@ -46,8 +46,39 @@ def test_outputs_exist_and_parse(tiny_run):
     for r in t2.values():
         assert r["status"] == "ok" and r["out_tokens"] == res["meta"]["options"]["table2_out"]
         assert r["tokens_per_s"] > 0 and r["total_s"] >= r["prefill_s"] > 0
-    assert {(r["model"], r["batch"]) for r in res["batch"]} == {
-        (m, b) for m in ("linear", "hybrid", "teacher") for b in res["meta"]["options"]["batch_sizes"]}
+
+
+def test_table2_is_the_real_vision_path(tiny_run):
+    """Issue 15 item 3: every Table 2 row ran an image through the pipeline and the vision front; its visual-token
+    count is what the pipeline produced (224x112 -> 2x1 tiles + thumbnail, 16 tokens per 112-pixel tile)."""
+    res = json.loads((tiny_run / "results.json").read_text())
+    assert len(res["table2"]) == len(res["models"])
+    for r in res["table2"]:
+        assert r["vision"] == "real" and r["image"] == "224x112", r
+        assert r["tiles"] == 3 and r["visual_tokens"] == r["vision_tokens_out"] == 3 * 16
+        assert r["prompt_tokens"] == r["visual_tokens"] + r["text_tokens"] and r["text_tokens"] > 10
+        for key in ("preprocess_s", "vision_s", "prefill_s"):
+            assert 0 < r[key] < r["ttft_s"], (key, r)
+        assert r["decode_tokens_per_s"] > 0
+    md = (tiny_run / "report.md").read_text()
+    assert md.count("| real |") == len(res["models"]) and "| ids |" not in md
+
+
+def test_batch_search_runs_under_the_fake_limit(tiny_run):
+    """Issue 15 item 4 on a CPU: doubling then bisection under the tiny run's fake memory limit, for our three
+    models, with the analytic estimate beside the measured maximum."""
+    res = json.loads((tiny_run / "results.json").read_text())
+    ours = ("linear", "hybrid", "teacher")
+    assert {(r["model"], r["context"]) for r in res["batch_max"]} == {(m, 64) for m in ours}
+    top = {r["model"]: r for r in res["batch_max"]}
+    for m in ours:
+        r = top[m]
+        assert r["status"] == "ok" and not r["capped"] and r["first_oom"] > r["max_batch"] >= 1
+        assert 0.5 * r["estimate"]["analytic_max_batch"] <= r["max_batch"] <= r["estimate"]["analytic_max_batch"] + 1
+        rows = {x["batch"]: x["status"] for x in res["batch"] if x["model"] == m}
+        assert rows[r["max_batch"]] == "ok" and rows[r["first_oom"]] == "OOM"
+        assert all(s == "ok" for b, s in rows.items() if b <= r["max_batch"])
+    assert top["linear"]["max_batch"] > top["hybrid"]["max_batch"] > top["teacher"]["max_batch"]
 
 
 def test_floor_grows_with_context_only_for_kv(tiny_run):
@@ -64,7 +95,7 @@ def test_floor_grows_with_context_only_for_kv(tiny_run):
 def test_markdown_and_plots(tiny_run):
     md = (tiny_run / "report.md").read_text()
     for section in ("## Next-token latency", "## Prefill time", "## Table 2", "## Decode throughput vs batch size",
-                    "## Method"):
+                    "## Largest batch that fits", "## Method"):
         assert section in md
     pngs = sorted(p.name for p in tiny_run.glob("*.png"))
     assert pngs == ["batch_throughput.png", "figure1_latency_memory.png"]  # no floor-ratio plot on a CPU
@@ -127,9 +158,26 @@ def test_goal_check_logic():
 
 def test_bench_subcommand_options(tmp_path):
     rc = main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path), "--models", "linear",
-               "--contexts", "16,48", "--table2-out", "0", "--batch-sizes", "1", "--steps", "3"])
+               "--contexts", "16,48", "--table2-out", "0", "--batch-sizes", "3", "--steps", "3",
+               "--batch-contexts", "32", "--batch-max", "4"])
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())
     assert list(res["models"]) == ["linear"] and res["table2"] == []
     assert sorted(r["context"] for r in res["decode"]) == [16, 48]
     assert all(r["steps"] == 3 for r in res["decode"])
+    assert [(r["batch"], r["phase"]) for r in res["batch"]] == [(3, "list"), (1, "search"), (2, "search"),
+                                                                (4, "search")]
+    (top,) = res["batch_max"]
+    assert top["context"] == 32 and top["capped"] and top["max_batch"] == 4 and top["first_oom"] is None
+
+
+def test_table2_ids_variant_is_labelled(tmp_path):
+    rc = main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path), "--models", "linear", "--contexts", "16",
+               "--table2-vision", "both", "--table2-out", "4", "--batch-models", ""])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [r["vision"] for r in res["table2"]] == ["real", "ids"] and res["batch"] == res["batch_max"] == []
+    ids = res["table2"][1]
+    assert ids["prompt_tokens"] == ids["visual_tokens"] + ids["text_tokens"] == 16 + 8
+    md = (tmp_path / "report.md").read_text()
+    assert "| real |" in md and "| ids |" in md

@@ -20,6 +20,18 @@ TINY_DIMS = dict(
     max_position_embeddings=1 << 14, mamba_d_conv=2, mamba_chunk_size=16,
 )
 
+# HoVLE's vision front (METHOD.md §1.2): 448-pixel tiles, 14-pixel patches, pixel shuffle 0.5 -> 256 tokens per tile;
+# the 8 holistic-embedding layers are the first 8 of the 32 decoder layers above. Tiny: 112-pixel tiles, 16 tokens.
+HOVLE_VISION = dict(
+    vision_config=dict(image_size=448, patch_size=14, num_channels=3, downsample_ratio=0.5, use_thumbnail=True,
+                       dynamic_image_size=True, min_dynamic_patch=1, max_dynamic_patch=12),
+    img_context_token_id=92546, template="internlm2-chat",
+)
+TINY_VISION = dict(
+    vision_config={**HOVLE_VISION["vision_config"], "image_size": 112}, img_context_token_id=500,
+    template="internlm2-chat",
+)
+
 # name -> placement spec (None = no attention layer, "all" = teacher)
 VARIANTS = {"teacher": "all", "linear": None, "hybrid": "every:4"}
 
@@ -30,12 +42,13 @@ def attention_layers(spec, num_layers: int) -> list[int]:
     return parse_placement(spec, num_layers)
 
 
-def make_config(dims: dict, variant: str, placement: str | None = None) -> MMMambaConfig:
+def make_config(dims: dict, variant: str, placement: str | None = None, vision: dict | None = None) -> MMMambaConfig:
+    """`vision` (HOVLE_VISION / TINY_VISION) adds the vision front, its image token id and chat template."""
     spec = placement if (placement is not None and variant == "hybrid") else VARIANTS[variant]
     n = dims["num_hidden_layers"]
     attn = set(attention_layers(spec, n))
     types = ["attention" if i in attn else "mamba2" for i in range(n)]
-    return MMMambaConfig(**dims, layer_types=types)
+    return MMMambaConfig(**dims, **(vision or {}), layer_types=types)
 
 
 @torch.no_grad()
@@ -45,6 +58,17 @@ def build_ours(config: MMMambaConfig, device, dtype: torch.dtype, seed: int = 0)
     with torch.device(device):
         model = MMMambaForCausalLM(config)
     return model.to(dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def build_vision_front(config: MMMambaConfig, device, dtype: torch.dtype, seed: int = 0):
+    """A random-weight `VisionFront` of `config` on its own, for a decoder that has none (transformers' Llama)."""
+    from ..models.vision import VisionFront
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        front = VisionFront(config)
+    return front.to(dtype).eval().requires_grad_(False)
 
 
 def llama_config(dims: dict):

@@ -52,6 +52,10 @@ def _ok(r) -> bool:
     return r.get("status", "ok") == "ok"
 
 
+def _g(x) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
 def _fmt(x, nd=2, unit=""):
     if x is None:
         return "–"
@@ -217,30 +221,82 @@ def _md_table2(res: dict) -> list[str]:
     if not t2:
         return []
     gpu = on_gpu(res)
-    L = ["## Table 2 protocol (prompt of visual + text tokens, 256 greedy tokens, tok/s includes prefill)", "",
-         "| model | prompt | out | prefill (s) | total (s) | tok/s | paper tok/s (RTX 4090) |",
-         "|---|---|---|---|---|---|---|"]
+    out = t2[0].get("out_tokens", "")
+    L = [f"## Table 2 (prompt of an image + text, {out} greedy tokens)", "",
+         "vision: real = a synthetic RGB image through the image pipeline (dynamic tiles, normalisation, chat "
+         "prompt with `<IMG_CONTEXT>` slots) and the model's vision front (patch embedding + pixel shuffle + MLP); "
+         "ids = random text ids in place of the visual tokens. TTFT = preprocessing + vision front + prefill + "
+         "first token, end to end; the three stages are also timed on their own. tok/s = out / total (the "
+         "paper's speed, TTFT included).", "",
+         "| model | vision | visual + text tokens | preprocess (s) | vision front (s) | prefill (s) | TTFT (s) | "
+         "decode tok/s | total (s) | tok/s | " + ("peak GB | " if gpu else "") + "paper tok/s (RTX 4090) |",
+         "|---|" + "---|" * (11 if gpu else 10)]
     for r in t2:
-        if not _ok(r):
-            L.append(f"| {_label(r['model'], gpu)} | – | – | – | – | {r['status']} | – |")
-            continue
-        paper = PAPER_TABLE2.get(r["model"] if r["model"] != "teacher_hf" else "teacher")
-        L.append(f"| {_label(r['model'], gpu)} | {r['prompt_tokens']} | {r['out_tokens']} | {r['prefill_s']:.3f} | "
-                 f"{r['total_s']:.3f} | {r['tokens_per_s']:.1f} | {paper[0] if paper else '–'} |")
-    return L + [""]
+        L.append(_table2_row(r, gpu))
+    notes = sorted({f"{_label(r['model'], gpu)}: {r['note']}" for r in t2 if r.get("note")})
+    return L + [""] + [f"* {n}" for n in notes] + ([""] if notes else [])
+
+
+def _table2_row(r: dict, gpu: bool) -> str:
+    head = f"| {_label(r['model'], gpu)} | {r.get('vision', 'ids')} |"
+    if not _ok(r):
+        return head + f" {r['status']} |" + " – |" * (9 if gpu else 8)
+    paper = PAPER_TABLE2.get(r["model"] if r["model"] != "teacher_hf" else "teacher")
+    cells = [f"{r.get('visual_tokens', '–')} + {r.get('text_tokens', '–')}", _fmt(r.get("preprocess_s"), 3),
+             _fmt(r.get("vision_s"), 4), _fmt(r.get("prefill_s"), 3), _fmt(r.get("ttft_s"), 3),
+             _fmt(r.get("decode_tokens_per_s"), 1), _fmt(r["total_s"], 3), _fmt(r["tokens_per_s"], 1)]
+    if gpu:
+        cells.append(_fmt(r.get("peak_gb")))
+    cells.append(str(paper[0]) if paper else "–")
+    return head + " " + " | ".join(cells) + " |"
 
 
 def _md_batch(res: dict, gpu: bool) -> list[str]:
     bs = res.get("batch", [])
     if not bs:
         return []
-    title = f"{_ctx(bs[0]['context'])} context (tokens/s; ms/step{'; x floor' if gpu else ''})"
+    L = []
+    for ctx in sorted({r["context"] for r in bs}):
+        rows = [r for r in bs if r["context"] == ctx]
+        title = f"{_ctx(ctx)} context (tokens/s; ms/step{'; x floor' if gpu else ''})"
 
-    def cell(r):
-        return f"{r['tokens_per_s']:.0f} ({r['ms_median']:.2f} ms" + (f", {r['ratio']:.2f}x)" if gpu else ")")
+        def cell(r):
+            return f"{r['tokens_per_s']:.0f} ({r['ms_median']:.2f} ms" + (f", {r['ratio']:.2f}x)" if gpu else ")")
 
-    L = [f"## Decode throughput vs batch size at {title}", ""]
-    _model_grid(L, res, bs, "batch", "batch", str, cell, gpu)
+        L += [f"## Decode throughput vs batch size at {title}", ""]
+        _model_grid(L, res, rows, "batch", "batch", str, cell, gpu)
+        L.append("")
+    return L + _md_batch_max(res, gpu)
+
+
+def _md_batch_max(res: dict, gpu: bool) -> list[str]:
+    bm = res.get("batch_max", [])
+    if not bm:
+        return []
+    note = ("Search: batches double from 1 until one runs out of memory, then bisection (~: to within 1/16). "
+            "Estimate: weights + batch x (KV of the reserved slots + recurrent state + an fp32 logits row) <= the "
+            "limit.")
+    if gpu:
+        note += (" The engine's warm-up before the CUDA-graph capture copies the recurrent state once, so a linear "
+                 "model fits about half its state-only estimate.")
+    else:
+        note += " CPU run: the limit is checked against the bytes the runner holds once its cache is reserved."
+    L = ["## Largest batch that fits", "", note, "",
+         "| model | context | largest batch | first OOM | tok/s there | estimate | weights GB | GB per sequence | "
+         "limit GB | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in bm:
+        e = r.get("estimate", {})
+        best = next((x for x in res.get("batch", []) if x["model"] == r["model"] and x["context"] == r["context"]
+                     and x["batch"] == r.get("max_batch") and _ok(x)), {})
+        size = r.get("max_batch", "–")
+        if r.get("capped"):
+            size = f">= {size} (cap)"
+        elif r.get("max_batch") and not r.get("exact"):
+            size = f"~{size}"
+        L.append(f"| {_label(r['model'], gpu)} | {_ctx(r['context'])} | {size} | {r.get('first_oom') or '–'} | "
+                 f"{_fmt(best.get('tokens_per_s'), 0)} | {e.get('analytic_max_batch', '–')} | "
+                 f"{_fmt(e.get('weights_gb'), 3)} | {_g(e.get('per_seq_gb'))} | {_fmt(e.get('limit_gb'), 3)} | "
+                 f"{r['status']} |")
     return L + [""]
 
 
@@ -380,17 +436,55 @@ def _plot_floor_ratio(plt, res: dict, gpu: bool):
 
 
 def _plot_batch(plt, res: dict, gpu: bool):
+    """tokens/s vs batch, one panel per context, one line per model; a star at the largest batch that fits."""
     bs = res["batch"]
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for m in [m for m in _models(res) if any(r["model"] == m for r in bs)]:
-        pts = sorted((r["batch"], r["tokens_per_s"]) for r in bs if r["model"] == m and _ok(r))
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=_label(m, gpu), color=COLORS.get(m))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    _finish_axes(ax, "batch size", "decode throughput (tokens/s)",
-                 f"decode throughput at {_ctx(bs[0]['context'])} context")
+    ctxs = sorted({r["context"] for r in bs})
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(6 * len(ctxs), 4.5), squeeze=False)
+    for ax, ctx in zip(axes[0], ctxs):
+        rows = [r for r in bs if r["context"] == ctx]
+        for m in [m for m in _models(res) if any(r["model"] == m for r in rows)]:
+            pts = sorted((r["batch"], r["tokens_per_s"]) for r in rows if r["model"] == m and _ok(r))
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=_label(m, gpu), color=COLORS.get(m), ms=3)
+            top = _batch_max_row(res, m, ctx)
+            best = [p for p in pts if top and p[0] == top.get("max_batch")]
+            if best:
+                ax.plot(*best[0], "*", ms=14, color=COLORS.get(m), markeredgecolor="k")
+                ax.annotate(f"max {best[0][0]}", best[0], textcoords="offset points", xytext=(4, -12), fontsize=8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        _finish_axes(ax, "batch size", "decode throughput (tokens/s)",
+                     f"decode throughput at {_ctx(ctx)} context (star: largest batch that fits)")
     return fig
+
+
+def _batch_max_row(res: dict, model: str, ctx: int) -> dict | None:
+    return next((r for r in res.get("batch_max", []) if r["model"] == model and r["context"] == ctx), None)
+
+
+def _summary_table2(res: dict) -> list[str]:
+    lines = []
+    for r in res.get("table2", []):
+        if _ok(r):
+            ttft = f"TTFT {r['ttft_s']:.3f} s, " if r.get("ttft_s") is not None else ""
+            lines.append(f"table2 {r['model']:<10} vision {r.get('vision', 'ids'):<4} {r['tokens_per_s']:.1f} tok/s  "
+                         f"{ttft}total {r['total_s']:.3f} s (prefill {r['prefill_s']:.3f} s)")
+    return lines
+
+
+def _summary_batch(res: dict) -> list[str]:
+    lines, bs = [], res.get("batch", [])
+    for ctx in sorted({r["context"] for r in bs}):
+        for m in _models(res):
+            pts = sorted((r["batch"], r) for r in bs if r["model"] == m and r["context"] == ctx)
+            if not pts:
+                continue
+            cells = [f"{b}:{r['tokens_per_s']:.0f}" if _ok(r) else f"{b}:{r['status'][:8]}" for b, r in pts]
+            top = _batch_max_row(res, m, ctx) or {}
+            lines.append(f"batch@{_ctx(ctx)} tok/s {m:<10} " + " ".join(cells) +
+                         f"  -> largest {top.get('max_batch', '-')} [{top.get('status', '-')}]")
+    return lines
 
 
 def summary_table(res: dict) -> str:
@@ -416,16 +510,8 @@ def summary_table(res: dict) -> str:
         if _ok(r):
             lines.append(f"plain-PyTorch-ops step {r['model']:<10} {_ctx(r['context']):>6} {r['ms_median']:.3f} ms "
                          f"({r.get('ratio', 0):.2f}x floor)")
-    for r in res.get("table2", []):
-        if _ok(r):
-            lines.append(f"table2 {r['model']:<12} {r['tokens_per_s']:.1f} tok/s  total {r['total_s']:.3f} s "
-                         f"(prefill {r['prefill_s']:.3f} s)")
-    bs = res.get("batch", [])
-    for m in _models(res):
-        pts = sorted((r["batch"], r) for r in bs if r["model"] == m)
-        if pts:
-            cells = [f"{b}:{r['tokens_per_s']:.0f}" if _ok(r) else f"{b}:{r['status'][:8]}" for b, r in pts]
-            lines.append(f"batch@{_ctx(pts[0][1]['context'])} tok/s {m:<10} " + " ".join(cells))
+    lines += _summary_table2(res)
+    lines += _summary_batch(res)
     if gpu:
         lines += [f"goal: {g['goal']}: {g['measured']} -> {g['met']}" for g in check_goals(res)]
     else:

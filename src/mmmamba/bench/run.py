@@ -1,5 +1,7 @@
-"""`mmmamba bench`: decode latency, prefill time and peak memory vs context, the Table 2 protocol and a batch
-sweep, for the teacher (ours and transformers'), mmMamba-linear, mmMamba-hybrid and (where it imports) mamba_ssm.
+"""`mmmamba bench`: decode latency, prefill time and peak memory vs context, the paper's Table 2 (an image through
+the image pipeline and the vision front, then prefill and decode) and batch serving (throughput vs batch and the
+largest batch that fits), for the teacher (ours and transformers'), mmMamba-linear, mmMamba-hybrid and (where it
+imports) mamba_ssm.
 
 Writes results.json, report.md and PNG plots into --out; prints a compact table at the end.
 """
@@ -20,13 +22,25 @@ import torch
 
 from ..inference import triton_kernels as tk
 from .measure import GB, cleanup, copy_bandwidth, point
-from .models import HOVLE_DIMS, TINY_DIMS, mamba_ssm_available
+from .models import HOVLE_DIMS, HOVLE_VISION, TINY_DIMS, TINY_VISION, mamba_ssm_available
 from .report import format_params, summary_table, write_markdown, write_plots
 from .runners import HFRunner, MambaSSMRunner, OursRunner
+from .serving import (
+    OverBudget,
+    cpu_limit_guard,
+    cuda_memory_limit,
+    free_after_oom,
+    memory_estimate,
+    memory_limit_bytes,
+    oom_in_chain,
+    search_max_batch,
+)
+from .vision_prompt import TABLE2_IMAGE, TABLE2_QUESTION, TINY_IMAGE, parse_size, synthetic_image
 
 GPU_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 105472, 131072, 262144]
 TINY_CONTEXTS = [32, 64, 128]
 ALL_MODELS = ["linear", "hybrid", "teacher", "teacher_hf", "mamba_ssm"]
+TABLE2_VISION = ("real", "ids", "both")
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -43,10 +57,17 @@ class BenchOptions:
     attn_prefill_max: int | None = None  # all-attention models: no prefill beyond this (random-filled KV instead)
     steps: int | None = None
     warmup: int | None = None
-    batch_sizes: list[int] | None = None
-    batch_context: int | None = None
+    batch_sizes: list[int] | None = None  # timed as listed; None: the search's doubling gives the curve
+    batch_contexts: list[int] | None = None
     batch_models: list[str] = field(default_factory=lambda: ["linear", "hybrid", "teacher"])
-    table2_visual: int | None = None
+    batch_max: int | None = None  # the search's cap
+    batch_steps: int | None = None
+    batch_memory_limit_gb: float | None = None  # None: the card's memory (CUDA); no search on a CPU
+    table2_vision: str = "real"  # real: image -> vision front; ids: random text ids; both
+    table2_image: str | None = None  # WIDTHxHEIGHT of the synthetic image
+    table2_max_tiles: int = 6
+    table2_repeats: int = 3
+    table2_visual: int | None = None  # the ids variant's prompt: visual + text ids
     table2_prompt: int | None = None
     table2_out: int | None = None
     kernels: str = "auto"
@@ -65,8 +86,14 @@ class BenchOptions:
         o.attn_prefill_max = o.attn_prefill_max or (1 << 30 if t else 131072)
         o.steps = o.steps or (8 if t else 32)
         o.warmup = o.warmup if o.warmup is not None else (2 if t else 4)
-        o.batch_sizes = o.batch_sizes or ([1, 2] if t else [1, 2, 4, 8, 16, 32, 64])
-        o.batch_context = o.batch_context or (64 if t else 8192)
+        o.batch_contexts = o.batch_contexts or ([64] if t else [8192, 131072])
+        o.batch_max = o.batch_max or (256 if t else 4096)
+        o.batch_steps = o.batch_steps or (3 if t else 8)
+        if o.batch_memory_limit_gb is None and t and o.device == "cpu":
+            o.batch_memory_limit_gb = 0.004  # smoke run: a fake 4 MB "card" so the search runs and ends
+        if o.table2_vision not in TABLE2_VISION:
+            raise ValueError(f"table2_vision {o.table2_vision!r}: choose from {TABLE2_VISION}")
+        o.table2_image = o.table2_image or "{}x{}".format(*(TINY_IMAGE if t else TABLE2_IMAGE))
         o.table2_visual = o.table2_visual if o.table2_visual is not None else (16 if t else 768)
         o.table2_prompt = o.table2_prompt if o.table2_prompt is not None else (8 if t else 32)
         o.table2_out = o.table2_out if o.table2_out is not None else (16 if t else 256)
@@ -89,11 +116,14 @@ def _versions() -> dict:
 
 
 def _make_runner(name: str, o: BenchOptions, dims: dict, dtype):
+    vision = None
+    if o.table2_out and o.table2_vision != "ids":
+        vision = TINY_VISION if o.tiny else HOVLE_VISION
     if name in ("linear", "hybrid", "teacher"):
         return OursRunner(name, name, dims, o.device, dtype, kernels=o.kernels, cuda_graph=o.cuda_graph,
-                          prefill_chunk=o.prefill_chunk, placement=o.placement)
+                          prefill_chunk=o.prefill_chunk, placement=o.placement, vision=vision)
     if name == "teacher_hf":
-        return HFRunner(name, dims, o.device, dtype)
+        return HFRunner(name, dims, o.device, dtype, vision=vision)
     if name == "mamba_ssm":
         return MambaSSMRunner(name, dims, o.device, dtype)
     raise ValueError(f"unknown bench model {name!r}; choose from {ALL_MODELS}")
@@ -197,7 +227,8 @@ def _start(o: BenchOptions, log) -> _Run:
         log(f"[bench] {meta['device_name']}  copy bandwidth {bw / GB:.0f} GB/s  dtype {meta['dtype']}")
     else:
         log(f"[bench] CPU run ({meta['device_name']}), dtype {meta['dtype']}: decode and prefill times only")
-    res = {"meta": meta, "models": {}, "decode": [], "prefill": [], "table2": [], "batch": [], "kernel_compare": []}
+    res = {"meta": meta, "models": {}, "decode": [], "prefill": [], "table2": [], "batch": [], "batch_max": [],
+           "kernel_compare": []}
     return _Run(o, dev, dtype, dims, out, bw, res, log)
 
 
@@ -339,33 +370,108 @@ def _compare_torch_step(run: _Run, name: str, runner, info: dict) -> None:
 
 
 def _table2(run: _Run, name: str, runner) -> None:
+    """The Table 2 rows of one model: the real vision path and / or the random-id prompt (`--table2-vision`)."""
     o = run.o
-    if not o.table2_out or run.over_budget():
+    if not o.table2_out:
         return
-    t = {"model": name}
-    with point(t, run.dev, run.log):
-        t.update(runner.table2(o.table2_visual + o.table2_prompt, o.table2_out))
-    run.res["table2"].append(t)
-    run.log(f"[bench] {name:<10} table2: {t.get('tokens_per_s', float('nan')):.1f} tok/s "
-            f"(total {t.get('total_s', float('nan')):.3f} s) [{t['status']}]")
+    for mode in _table2_modes(o, runner):
+        t = {"model": name, "vision": mode}
+        if mode == "ids" and o.table2_vision != "ids" and not getattr(runner, "has_vision", False):
+            t["note"] = "no vision front: random text ids"
+        if run.over_budget():
+            t["status"] = "skipped (time budget)"
+        else:
+            with point(t, run.dev, run.log):
+                t.update(_table2_point(o, runner, mode))
+        run.res["table2"].append(t)
+        nan = float("nan")
+        run.log(f"[bench] {name:<10} table2 ({mode}): TTFT {t.get('ttft_s', t.get('prefill_s', nan)):.3f} s, "
+                f"{t.get('tokens_per_s', nan):.1f} tok/s (total {t.get('total_s', nan):.3f} s) [{t['status']}]")
+
+
+def _table2_modes(o: BenchOptions, runner) -> list[str]:
+    modes = ["real", "ids"] if o.table2_vision == "both" else [o.table2_vision]
+    if not getattr(runner, "has_vision", False):  # mamba_ssm: no vision front, no embedding input
+        modes = ["ids"]
+    return modes
+
+
+def _table2_point(o: BenchOptions, runner, mode: str) -> dict:
+    if mode == "ids":
+        rec = runner.table2(o.table2_visual + o.table2_prompt, o.table2_out)
+        return {**rec, "visual_tokens": o.table2_visual, "text_tokens": o.table2_prompt}
+    w, h = parse_size(o.table2_image)
+    return {"image": o.table2_image, **runner.table2_vision(synthetic_image(w, h), TABLE2_QUESTION,
+                                                            o.table2_max_tiles, o.table2_out, o.table2_repeats)}
 
 
 def _batch_sweep(run: _Run, name: str, runner) -> None:
+    """Throughput vs batch and the largest batch that fits, at every batch context (our runners only)."""
+    if name in run.o.batch_models and hasattr(runner, "engine"):
+        for ctx in run.o.batch_contexts:
+            _batch_context(run, name, runner, ctx)
+
+
+def _batch_context(run: _Run, name: str, runner, ctx: int) -> None:
     o = run.o
-    if name not in o.batch_models or not hasattr(runner, "engine"):
-        return
-    for b in o.batch_sizes:
-        r = {"model": name, "context": o.batch_context, "batch": b}
-        if run.over_budget():
-            r["status"] = "skipped (time budget)"
-        else:
-            with point(r, run.dev, run.log):
-                _, dec = runner.run_point(o.batch_context, b, o.steps, o.warmup, prefill=False)
-                r.update(dec)
-        run.floor(r, runner, o.batch_context, b)
-        run.res["batch"].append(r)
-        run.log(f"[bench] {name:<10} batch {b:>3}: {r.get('tokens_per_s', float('nan')):9.1f} tok/s "
-                f"[{r['status']}]")
+    limit = memory_limit_bytes(run.dev, o.batch_memory_limit_gb)
+    known: dict[int, bool] = {}
+    rec = {"model": name, "context": ctx, "status": "ok"}
+    with cuda_memory_limit(run.dev, limit if o.batch_memory_limit_gb is not None else None):
+        try:
+            for b in o.batch_sizes or []:
+                _batch_probe(run, name, runner, ctx, limit, known, b, "list")
+            if limit is None:
+                rec["status"] = "not searched (a CPU run needs --batch-memory-limit-gb)"
+            else:
+                n_slots = _cache_len(runner, ctx + min(o.warmup, 2) + o.batch_steps + 4)
+                rec["estimate"] = memory_estimate(runner, n_slots, limit)
+                found = search_max_batch(lambda b: _batch_probe(run, name, runner, ctx, limit, known, b, "search"),
+                                         o.batch_max)
+                rec.update({k: v for k, v in found.items() if k != "probes"}, probes=len(found["probes"]))
+        except OverBudget:
+            rec["status"] = "skipped (time budget)"
+        except Exception as e:  # noqa: BLE001 - a failed search must not abort the run
+            rec["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            free_after_oom(runner, run.dev)
+    run.res["batch_max"].append(rec)
+    run.log(f"[bench] {name:<10} ctx {ctx:>7}: largest batch that fits {rec.get('max_batch', '-')} "
+            f"(first OOM {rec.get('first_oom', '-')}; estimate "
+            f"{rec.get('estimate', {}).get('analytic_max_batch', '-')}) [{rec['status']}]")
+    run.save()
+
+
+def _cache_len(runner, n: int) -> int:
+    """KV slots the engine reserves for n tokens (it rounds up to a multiple)."""
+    m = runner.engine.max_len_multiple
+    return -(-n // m) * m
+
+
+def _batch_probe(run: _Run, name: str, runner, ctx: int, limit: int | None, known: dict, b: int,
+                 phase: str) -> bool:
+    """Decode at batch b from a random-filled cache of ctx tokens; True if it fit. Out-of-memory (real on CUDA,
+    simulated against `limit` on a CPU) -> False, memory freed; other errors propagate."""
+    if b in known:
+        return known[b]
+    if run.over_budget():
+        raise OverBudget
+    o = run.o
+    r = {"model": name, "context": ctx, "batch": b, "phase": phase, "status": "ok"}
+    guard = cpu_limit_guard(limit) if limit is not None and not run.gpu else None
+    try:
+        _, dec = runner.run_point(ctx, b, o.batch_steps, min(o.warmup, 2), prefill=False, guard=guard)
+        r.update(dec)
+    except Exception as e:
+        if not oom_in_chain(e):
+            raise
+        r["status"] = "OOM"
+        free_after_oom(runner, run.dev)
+    run.floor(r, runner, ctx, b)
+    run.res["batch"].append(r)
+    run.log(f"[bench] {name:<10} ctx {ctx:>7} batch {b:>5}: {r.get('tokens_per_s', float('nan')):9.1f} tok/s "
+            f"[{r['status']}]")
+    known[b] = r["status"] == "ok"
+    return known[b]
 
 
 def _finish(run: _Run) -> None:
@@ -412,11 +518,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-prefill-max", type=int, help="all-attention models: random KV beyond this (131072)")
     p.add_argument("--steps", type=int, help="timed decode steps per point (default 32)")
     p.add_argument("--warmup", type=int, help="untimed decode steps first (default 4)")
-    p.add_argument("--batch-sizes", type=_ints, help="batch sweep (default 1,2,4,...,64)")
-    p.add_argument("--batch-context", type=int, help="context of the batch sweep (default 8192)")
-    p.add_argument("--batch-models", default="linear,hybrid,teacher")
-    p.add_argument("--table2-visual", type=int, help="visual tokens of the Table 2 prompt (768)")
-    p.add_argument("--table2-prompt", type=int, help="text tokens of the Table 2 prompt (32)")
+    p.add_argument("--batch-sizes", type=_ints, help="batch sizes timed as listed before the largest-batch search, "
+                   "whose doubling 1,2,4,... gives the throughput curve anyway (default: none)")
+    p.add_argument("--batch-contexts", "--batch-context", dest="batch_contexts", type=_ints,
+                   help="contexts of the batch sweep (default 8k,128k; tiny: 64)")
+    p.add_argument("--batch-models", default="linear,hybrid,teacher", help="empty: no batch sweep")
+    p.add_argument("--batch-max", type=int, help="cap of the largest-batch search (default 4096; tiny: 256)")
+    p.add_argument("--batch-steps", type=int, help="timed decode steps per batch probe (default 8; tiny: 3)")
+    p.add_argument("--batch-memory-limit-gb", type=float,
+                   help="memory limit of the largest-batch search (default: the CUDA card's memory; on a CPU the "
+                        "search runs only with this limit, checked against the bytes held; tiny CPU: 0.004)")
+    p.add_argument("--table2-vision", default="real", choices=TABLE2_VISION,
+                   help="Table 2 prompt: real = synthetic image -> image pipeline -> vision front (default); "
+                        "ids = random text ids (the old protocol); both")
+    p.add_argument("--table2-image", help="WIDTHxHEIGHT of the synthetic image (default 896x448: 3 tiles, 768 "
+                                          "visual tokens; tiny: 224x112)")
+    p.add_argument("--table2-max-tiles", type=int, default=6, help="dynamic tiling's tile limit (6)")
+    p.add_argument("--table2-repeats", type=int, default=3, help="timed repeats of each TTFT stage (median)")
+    p.add_argument("--table2-visual", type=int, help="ids variant: visual token ids in the prompt (768)")
+    p.add_argument("--table2-prompt", type=int, help="ids variant: text token ids in the prompt (32)")
     p.add_argument("--table2-out", type=int, help="generated tokens (256); 0 skips Table 2")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--no-cuda-graph", action="store_true")
@@ -432,9 +552,12 @@ def options_from_args(args) -> BenchOptions:
         device=args.device, dtype=args.dtype, tiny=args.tiny, out=args.out,
         models=[m.strip() for m in args.models.split(",") if m.strip()], contexts=args.contexts,
         prefill_contexts=args.prefill_contexts, attn_prefill_max=args.attn_prefill_max, steps=args.steps,
-        warmup=args.warmup, batch_sizes=args.batch_sizes, batch_context=args.batch_context,
-        batch_models=[m.strip() for m in args.batch_models.split(",") if m.strip()],
-        table2_visual=args.table2_visual, table2_prompt=args.table2_prompt, table2_out=args.table2_out,
+        warmup=args.warmup, batch_sizes=args.batch_sizes, batch_contexts=args.batch_contexts,
+        batch_models=[m.strip() for m in args.batch_models.split(",") if m.strip()], batch_max=args.batch_max,
+        batch_steps=args.batch_steps, batch_memory_limit_gb=args.batch_memory_limit_gb,
+        table2_vision=args.table2_vision, table2_image=args.table2_image, table2_max_tiles=args.table2_max_tiles,
+        table2_repeats=args.table2_repeats, table2_visual=args.table2_visual, table2_prompt=args.table2_prompt,
+        table2_out=args.table2_out,
         kernels=args.kernels, cuda_graph=False if args.no_cuda_graph else None, prefill_chunk=args.prefill_chunk,
         placement=args.placement, compare_torch_contexts=args.compare_torch_contexts, budget_s=args.budget_s,
         command="mmmamba bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),

@@ -18,8 +18,10 @@ import torch
 
 from ..inference.cuda_graph import CapturedStep
 from ..inference.engine import Engine, resolve_kernels
-from .measure import GB, cleanup, decode_weight_bytes, param_count, peak_gb, reset_peak, summarize, sync
-from .models import build_hf_llama, build_mamba_ssm, build_ours, make_config
+from .measure import GB, cleanup, decode_weight_bytes, param_bytes, param_count, peak_gb, reset_peak, summarize, sync
+from .models import build_hf_llama, build_mamba_ssm, build_ours, build_vision_front, make_config
+from .table2 import HFVisionSteps, OursVisionSteps, measure_vision_table2
+from .vision_prompt import prompt_maker
 
 
 def _rand_ids(vocab: int, b: int, n: int, device, seed: int = 0) -> torch.Tensor:
@@ -46,35 +48,50 @@ def _event_times(device, fn, n: int) -> list[float]:
 
 
 class OursRunner:
-    """Our decoder through `mmmamba.inference.engine.Engine`."""
+    """Our decoder through `mmmamba.inference.engine.Engine`; with `vision` (HOVLE_VISION / TINY_VISION) the model
+    also has the vision front, for Table 2's real path."""
 
     impl = "ours"
 
     def __init__(self, name: str, variant: str, dims: dict, device, dtype, kernels="auto", cuda_graph=None,
-                 prefill_chunk: int = 8192, placement: str | None = None):
+                 prefill_chunk: int = 8192, placement: str | None = None, vision: dict | None = None):
         self.name, self.variant, self.dims = name, variant, dims
         self.device, self.dtype = torch.device(device), dtype
         self.kernels, self.cuda_graph = kernels, cuda_graph
-        self.prefill_chunk, self.placement = prefill_chunk, placement
+        self.prefill_chunk, self.placement, self.vision = prefill_chunk, placement, vision
         self.model = self.engine = None
 
     def build(self) -> dict:
-        self.config = make_config(self.dims, self.variant, self.placement)
+        self.config = make_config(self.dims, self.variant, self.placement, vision=self.vision)
         self.model = build_ours(self.config, self.device, self.dtype)
         self.engine = Engine(self.model, kernels=self.kernels, cuda_graph=self.cuda_graph,
                              prefill_chunk=self.prefill_chunk, share_weights=True)  # a model of its own
+        front = self.model.model.vision
         return {
             "impl": self.impl, "variant": self.variant, "params": param_count(self.model),
+            "vision_front_params": None if front is None else param_count(front),
             "attention_layers": self.config.attention_layers, "kernels": self.engine.kernels,
             "cuda_graph": self.engine.use_graph, "prefill_chunk": self.prefill_chunk,
         }
+
+    @property
+    def has_vision(self) -> bool:
+        return self.model is not None and self.model.model.vision is not None
 
     @property
     def vocab(self) -> int:
         return self.dims["vocab_size"]
 
     def weight_bytes(self, batch: int) -> int:
-        return decode_weight_bytes(self.model, self.engine.embed, batch, self.engine.lm_head)
+        """Weights one decode step reads (the vision front is read only by the prefill)."""
+        front = param_bytes(self.model.model.vision) if self.has_vision else 0
+        return decode_weight_bytes(self.model, self.engine.embed, batch, self.engine.lm_head) - front
+
+    def held_bytes(self) -> int:
+        """Bytes the runner holds now: weights, the static cache and the decode step's buffers."""
+        eng = self.engine
+        bufs = sum(t.nbytes for t in (eng._bufs or {}).values() if isinstance(t, torch.Tensor))
+        return param_bytes(self.model) + (eng.cache.nbytes() if eng.cache is not None else 0) + bufs
 
     def state_bytes(self, ctx: int, batch: int) -> int:
         """Bytes of KV (up to ctx) and recurrent state one decode step reads."""
@@ -107,12 +124,15 @@ class OursRunner:
         eng.release()
         return errs
 
-    def run_point(self, ctx: int, batch: int, steps: int, warmup: int, prefill: bool, seed: int = 0):
+    def run_point(self, ctx: int, batch: int, steps: int, warmup: int, prefill: bool, seed: int = 0, guard=None):
+        """`guard(runner)`, if given, runs once the cache is reserved (the batch search's memory limit on a CPU)."""
         eng = self.engine
         eng.release()
         cleanup(self.device)
         reset_peak(self.device)
         eng.reserve(batch, ctx + warmup + steps + 4)
+        if guard is not None:
+            guard(self)
         pre = None
         if prefill:
             ids = _rand_ids(self.vocab, batch, ctx, self.device, seed)
@@ -153,6 +173,12 @@ class OursRunner:
         return {"prompt_tokens": n_prompt, "out_tokens": n_out, "prefill_s": t_pre, "total_s": total,
                 "tokens_per_s": n_out / total}
 
+    def table2_vision(self, image, question: str, max_tiles: int, n_out: int, repeats: int = 3) -> dict:
+        """Table 2 through the image pipeline and the model's vision front (`bench.table2`)."""
+        make = prompt_maker(self.config, self.device, image, question, max_tiles)
+        steps = OursVisionSteps(self.model, self.engine, n_out)
+        return measure_vision_table2(self.device, make, steps, n_out, repeats)
+
     def set_kernels(self, kernels: str) -> None:
         self.engine.release()
         self.engine.kernels = resolve_kernels(kernels, self.device)
@@ -170,10 +196,14 @@ class HFRunner:
 
     impl = "transformers"
 
-    def __init__(self, name: str, dims: dict, device, dtype):
+    def __init__(self, name: str, dims: dict, device, dtype, vision: dict | None = None):
         self.name, self.dims, self.device, self.dtype = name, dims, torch.device(device), dtype
-        self.model = None
-        self.variant = "teacher"
+        self.model = self.front = None
+        self.variant, self.vision = "teacher", vision
+
+    @property
+    def has_vision(self) -> bool:
+        return self.front is not None
 
     @property
     def vocab(self) -> int:
@@ -183,6 +213,9 @@ class HFRunner:
         import transformers
 
         self.model = build_hf_llama(self.dims, self.device, self.dtype)
+        if self.vision is not None:
+            self.config = make_config(self.dims, "teacher", vision=self.vision)
+            self.front = build_vision_front(self.config, self.device, self.dtype)
         return {"impl": self.impl, "variant": "teacher", "params": param_count(self.model),
                 "attention_layers": list(range(self.dims["num_hidden_layers"])), "kernels": "transformers",
                 "attn_implementation": self.model.config._attn_implementation,
@@ -282,8 +315,16 @@ class HFRunner:
         return {"prompt_tokens": n_prompt, "out_tokens": int(out.shape[1] - n_prompt), "prefill_s": t_pre,
                 "total_s": total, "tokens_per_s": (out.shape[1] - n_prompt) / total}
 
+    def table2_vision(self, image, question: str, max_tiles: int, n_out: int, repeats: int = 3) -> dict:
+        """Table 2 with our vision front feeding transformers' decoder through `inputs_embeds`."""
+        make = prompt_maker(self.config, self.device, image, question, max_tiles)
+        steps = HFVisionSteps(self.model, self.front, self.config.img_context_token_id, self._cache_kw(),
+                              self._out_cache)
+        rec = measure_vision_table2(self.device, make, steps, n_out, repeats)
+        return {**rec, "note": "vision front: ours (transformers has no HoVLE class); decoder: transformers"}
+
     def free(self) -> None:
-        self.model = None
+        self.model = self.front = None
         cleanup(self.device, collect=True)
 
 
