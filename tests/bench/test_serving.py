@@ -77,3 +77,82 @@ def test_memory_estimate_per_sequence():
     e = memory_estimate(R(), 2, limit_bytes=400 + 3 * 220 + 219)
     assert e["cache_len"] == 2 and e["per_seq_gb"] == pytest.approx(220e-9)
     assert e["analytic_max_batch"] == 3
+
+
+class _FakeEngine:
+    kernels, max_len_multiple = "torch", 256
+
+    def __init__(self):
+        self.releases = 0
+
+    def release(self):
+        self.releases += 1
+
+
+class _FakeRunner:
+    """Runs "fit" up to `fits` rows; beyond, run_point raises the CUDA allocator's error; at `broken`, another one."""
+
+    name, vocab = "linear", 8
+
+    def __init__(self, fits: int, broken: int | None = None):
+        self.fits, self.broken = fits, broken
+        self.engine, self.model = _FakeEngine(), torch.nn.Linear(4, 4, bias=False)
+
+    def set_kernels(self, kernels):
+        self.engine.kernels = kernels
+
+    def run_point(self, ctx, b, steps, warmup, prefill, guard=None):
+        if b == self.broken:
+            raise ValueError("illegal instruction")
+        if b > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return None, {"ms_median": 1.0 + b / 100, "steps": steps, "kernels": self.engine.kernels}
+
+    def weight_bytes(self, batch):
+        return 64
+
+    def state_bytes(self, ctx, batch):
+        return 1000 * batch
+
+
+def _fake_run(tmp_path, **kw):
+    from mmmamba.bench.run import BenchOptions, _start
+
+    run = _start(BenchOptions(device="cpu", tiny=True, out=str(tmp_path), batch_max=64, **kw).resolved(),
+                 log=lambda *a: None)
+    run.res["models"]["linear"] = {"kernels": "torch"}
+    return run
+
+
+def test_batch_context_catches_the_cuda_oom_and_frees(tmp_path):
+    from mmmamba.bench.run import _batch_context
+
+    run, runner = _fake_run(tmp_path), _FakeRunner(fits=5)
+    _batch_context(run, "linear", runner, 64)
+    (top,) = run.res["batch_max"]
+    assert top["status"] == "ok" and top["max_batch"] == 5 and top["first_oom"] == 6 and top["exact"]
+    rows = [(r["batch"], r["status"]) for r in run.res["batch"]]
+    assert rows == [(1, "ok"), (2, "ok"), (4, "ok"), (8, "OOM"), (6, "OOM"), (5, "ok")]
+    assert runner.engine.releases == 2  # freed after each OOM
+    assert all(r["tokens_per_s"] > 0 for r in run.res["batch"] if r["status"] == "ok")
+
+
+def test_batch_context_records_other_errors_and_stops(tmp_path):
+    from mmmamba.bench.run import _batch_context
+
+    run, runner = _fake_run(tmp_path), _FakeRunner(fits=50, broken=4)
+    _batch_context(run, "linear", runner, 64)
+    (top,) = run.res["batch_max"]
+    assert top["status"].startswith("error: RuntimeError: batch 4: error: ValueError: illegal instruction")
+    assert [(r["batch"], r["status"][:5]) for r in run.res["batch"]] == [(1, "ok"), (2, "ok"), (4, "error")]
+
+
+def test_big_batches_switch_to_the_torch_step(tmp_path):
+    from mmmamba.bench.run import _batch_sweep
+
+    run, runner = _fake_run(tmp_path, batch_triton_max=4, batch_contexts=[64, 128]), _FakeRunner(fits=10)
+    run.res["models"]["linear"]["kernels"] = runner.engine.kernels = "triton"
+    _batch_sweep(run, "linear", runner)
+    kernels = {(r["context"], r["batch"]): r["kernels"] for r in run.res["batch"] if r["status"] == "ok"}
+    assert kernels[(64, 4)] == kernels[(128, 1)] == "triton" and kernels[(64, 8)] == kernels[(128, 8)] == "torch"
+    assert runner.engine.kernels == "triton"  # restored after the sweep

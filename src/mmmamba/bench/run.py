@@ -63,6 +63,7 @@ class BenchOptions:
     batch_max: int | None = None  # the search's cap
     batch_steps: int | None = None
     batch_memory_limit_gb: float | None = None  # None: the card's memory (CUDA); no search on a CPU
+    batch_triton_max: int = 64  # larger batches decode with the torch step (cuBLAS GEMMs)
     table2_vision: str = "real"  # real: image -> vision front; ids: random text ids; both
     table2_image: str | None = None  # WIDTHxHEIGHT of the synthetic image
     table2_max_tiles: int = 6
@@ -407,38 +408,56 @@ def _table2_point(o: BenchOptions, runner, mode: str) -> dict:
 
 def _batch_sweep(run: _Run, name: str, runner) -> None:
     """Throughput vs batch and the largest batch that fits, at every batch context (our runners only)."""
-    if name in run.o.batch_models and hasattr(runner, "engine"):
-        for ctx in run.o.batch_contexts:
-            _batch_context(run, name, runner, ctx)
+    if name not in run.o.batch_models or not hasattr(runner, "engine"):
+        return
+    base = runner.engine.kernels
+    for ctx in run.o.batch_contexts:
+        _batch_context(run, name, runner, ctx)
+        if runner.engine.kernels != base:  # a big batch switched to the torch step (or fell back)
+            runner.set_kernels(base)
 
 
 def _batch_context(run: _Run, name: str, runner, ctx: int) -> None:
+    """The listed batches, then the largest-batch search, at one context; one `batch_max` record."""
     o = run.o
     limit = memory_limit_bytes(run.dev, o.batch_memory_limit_gb)
     known: dict[int, bool] = {}
     rec = {"model": name, "context": ctx, "status": "ok"}
+    failed = False
     with cuda_memory_limit(run.dev, limit if o.batch_memory_limit_gb is not None else None):
         try:
             for b in o.batch_sizes or []:
-                _batch_probe(run, name, runner, ctx, limit, known, b, "list")
-            if limit is None:
-                rec["status"] = "not searched (a CPU run needs --batch-memory-limit-gb)"
-            else:
-                n_slots = _cache_len(runner, ctx + min(o.warmup, 2) + o.batch_steps + 4)
-                rec["estimate"] = memory_estimate(runner, n_slots, limit)
-                found = search_max_batch(lambda b: _batch_probe(run, name, runner, ctx, limit, known, b, "search"),
-                                         o.batch_max)
-                rec.update({k: v for k, v in found.items() if k != "probes"}, probes=len(found["probes"]))
+                _batch_probe(run, runner, ctx, limit, known, b, "list")
+            _batch_search(run, runner, ctx, limit, known, rec)
         except OverBudget:
             rec["status"] = "skipped (time budget)"
         except Exception as e:  # noqa: BLE001 - a failed search must not abort the run
-            rec["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
-            free_after_oom(runner, run.dev)
+            rec["status"], failed = f"error: {type(e).__name__}: {str(e)[:300]}", True
+    if failed:  # outside the except block: its traceback no longer holds the failed batch's tensors
+        free_after_oom(runner, run.dev)
     run.res["batch_max"].append(rec)
     run.log(f"[bench] {name:<10} ctx {ctx:>7}: largest batch that fits {rec.get('max_batch', '-')} "
             f"(first OOM {rec.get('first_oom', '-')}; estimate "
             f"{rec.get('estimate', {}).get('analytic_max_batch', '-')}) [{rec['status']}]")
     run.save()
+
+
+def _batch_search(run: _Run, runner, ctx: int, limit: int | None, known: dict, rec: dict) -> None:
+    if limit is None:
+        rec["status"] = "not searched (a CPU run needs --batch-memory-limit-gb)"
+        return
+    o = run.o
+    rec["estimate"] = memory_estimate(runner, _cache_len(runner, ctx + min(o.warmup, 2) + o.batch_steps + 4), limit)
+    found = search_max_batch(lambda b: _batch_probe(run, runner, ctx, limit, known, b, "search"), o.batch_max)
+    rec.update({k: v for k, v in found.items() if k != "probes"}, probes=len(found["probes"]))
+
+
+def _probe_kernels(run: _Run, runner, b: int) -> None:
+    """The Triton step's row tiles are sized for small batches (one tile of pow2(b) rows per weight tile): above
+    `batch_triton_max` rows the torch step (cuBLAS GEMMs) decodes; each probe row records its kernels."""
+    want = "torch" if b > run.o.batch_triton_max else run.res["models"][runner.name].get("kernels", "torch")
+    if runner.engine.kernels != want:
+        runner.set_kernels(want)
 
 
 def _cache_len(runner, n: int) -> int:
@@ -447,29 +466,30 @@ def _cache_len(runner, n: int) -> int:
     return -(-n // m) * m
 
 
-def _batch_probe(run: _Run, name: str, runner, ctx: int, limit: int | None, known: dict, b: int,
-                 phase: str) -> bool:
+def _batch_probe(run: _Run, runner, ctx: int, limit: int | None, known: dict, b: int, phase: str) -> bool:
     """Decode at batch b from a random-filled cache of ctx tokens; True if it fit. Out-of-memory (real on CUDA,
-    simulated against `limit` on a CPU) -> False, memory freed; other errors propagate."""
+    simulated against `limit` on a CPU) -> False, memory freed; other errors are recorded and propagate."""
     if b in known:
         return known[b]
     if run.over_budget():
         raise OverBudget
     o = run.o
-    r = {"model": name, "context": ctx, "batch": b, "phase": phase, "status": "ok"}
+    r = {"model": runner.name, "context": ctx, "batch": b, "phase": phase, "status": "ok"}
     guard = cpu_limit_guard(limit) if limit is not None and not run.gpu else None
+    _probe_kernels(run, runner, b)
     try:
         _, dec = runner.run_point(ctx, b, o.batch_steps, min(o.warmup, 2), prefill=False, guard=guard)
         r.update(dec)
     except Exception as e:
-        if not oom_in_chain(e):
-            raise
-        r["status"] = "OOM"
+        r["status"] = "OOM" if oom_in_chain(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+    if r["status"] == "OOM":  # freed outside the except block (its traceback holds the half-made cache)
         free_after_oom(runner, run.dev)
     run.floor(r, runner, ctx, b)
     run.res["batch"].append(r)
-    run.log(f"[bench] {name:<10} ctx {ctx:>7} batch {b:>5}: {r.get('tokens_per_s', float('nan')):9.1f} tok/s "
-            f"[{r['status']}]")
+    run.log(f"[bench] {runner.name:<10} ctx {ctx:>7} batch {b:>5}: {r.get('tokens_per_s', float('nan')):9.1f} "
+            f"tok/s [{r['status']}]")
+    if r["status"] not in ("ok", "OOM"):
+        raise RuntimeError(f"batch {b}: {r['status']}")
     known[b] = r["status"] == "ok"
     return known[b]
 
@@ -528,6 +548,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-memory-limit-gb", type=float,
                    help="memory limit of the largest-batch search (default: the CUDA card's memory; on a CPU the "
                         "search runs only with this limit, checked against the bytes held; tiny CPU: 0.004)")
+    p.add_argument("--batch-triton-max", type=int, default=64,
+                   help="batches above this decode with the torch step (cuBLAS GEMMs) instead of the Triton one")
     p.add_argument("--table2-vision", default="real", choices=TABLE2_VISION,
                    help="Table 2 prompt: real = synthetic image -> image pipeline -> vision front (default); "
                         "ids = random text ids (the old protocol); both")
@@ -555,6 +577,7 @@ def options_from_args(args) -> BenchOptions:
         warmup=args.warmup, batch_sizes=args.batch_sizes, batch_contexts=args.batch_contexts,
         batch_models=[m.strip() for m in args.batch_models.split(",") if m.strip()], batch_max=args.batch_max,
         batch_steps=args.batch_steps, batch_memory_limit_gb=args.batch_memory_limit_gb,
+        batch_triton_max=args.batch_triton_max,
         table2_vision=args.table2_vision, table2_image=args.table2_image, table2_max_tiles=args.table2_max_tiles,
         table2_repeats=args.table2_repeats, table2_visual=args.table2_visual, table2_prompt=args.table2_prompt,
         table2_out=args.table2_out,

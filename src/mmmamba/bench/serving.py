@@ -70,8 +70,7 @@ def oom_in_chain(e: BaseException | None) -> bool:
 def free_after_oom(runner, device) -> None:
     """Drop the runner's cache, CUDA graph and step buffers, collect and return cached blocks to the driver."""
     if getattr(runner, "engine", None) is not None:
-        runner.engine.release()
-        runner.engine._warm = False  # the next batch warms up (and re-checks) again
+        runner.engine.release()  # also drops the warm-up flag: the next batch warms up again
     gc.collect()
     cleanup(device)
 
