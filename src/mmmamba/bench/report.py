@@ -332,7 +332,8 @@ def _md_method(meta: dict, gpu: bool) -> list[str]:
                  "appended to a static cache); decode = one eager step of plain PyTorch ops per token; latency = "
                  "median of per-step wall times over the timed steps after warm-up steps.")
     L += ["* transformers: `LlamaForCausalLM` (SDPA, default `DynamicCache`), one forward per token as "
-          "`generate` runs it; Table 2 uses `generate` itself.",
+          "`generate` runs it; Table 2 uses `generate` itself, fed by our vision front through `inputs_embeds` "
+          "(transformers has no HoVLE class).",
           "* Where the prefill column says '–' (quadratic models past `attn_prefill_max`, and the batch sweep), "
           "the cache was filled with random values of the right shape instead of running the prefill; "
           "decode cost depends only on the cache size."]
