@@ -20,19 +20,20 @@ elapsed() { echo $(( $(date +%s) - START )); }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 
-# A: Table 2 (budget 150 s of new points; the transformers teacher's 256 eager tokens take ~20 s of it)
+# A: Table 2 (budget 140 s of new points; the transformers teacher's 256 eager tokens take ~20 s of it)
 echo "== [$(elapsed) s] Table 2, real vision path =="
-timeout 230 python3 -m mmmamba.cli bench --device cuda --out "$WORK/table2" --models linear,hybrid,teacher,teacher_hf \
-    --contexts 8k --compare-torch-contexts "" --batch-models "" --table2-vision real --budget-s 150 \
+timeout 210 python3 -m mmmamba.cli bench --device cuda --out "$WORK/table2" --models linear,hybrid,teacher,teacher_hf \
+    --contexts 8k --compare-torch-contexts "" --batch-models "" --table2-vision real --budget-s 140 \
     2>&1 | tee "$WORK/table2/bench.log"
 echo "table2 exit ${PIPESTATUS[0]}"
 
-# B: batch serving at 8K and 128K (what is left of ~450 s, less ~60 s for the points in flight and the report)
-BUDGET=$(( 450 - $(elapsed) - 60 )); [ "$BUDGET" -lt 90 ] && BUDGET=90
+# B: batch serving at 8K and 128K, teacher first (few probes), then linear, hybrid. Budget: what is left of ~440 s,
+# less ~60 s for the points in flight and the report (worst case with both timeouts: 210 + 170 + 80 s).
+BUDGET=$(( 440 - $(elapsed) - 60 )); [ "$BUDGET" -lt 90 ] && BUDGET=90
 echo "== [$(elapsed) s] batch serving (budget ${BUDGET} s) =="
-timeout $(( BUDGET + 100 )) python3 -m mmmamba.cli bench --device cuda --out "$WORK/serving" \
-    --models linear,hybrid,teacher --contexts 8k --compare-torch-contexts "" --table2-out 0 \
-    --batch-contexts 8k,128k --batch-models linear,hybrid,teacher --budget-s "$BUDGET" \
+timeout $(( BUDGET + 80 )) python3 -m mmmamba.cli bench --device cuda --out "$WORK/serving" \
+    --models teacher,linear,hybrid --contexts 8k --compare-torch-contexts "" --table2-out 0 \
+    --batch-contexts 8k,128k --batch-models teacher,linear,hybrid --budget-s "$BUDGET" \
     2>&1 | tee "$WORK/serving/bench.log"
 echo "serving exit ${PIPESTATUS[0]}"
 

@@ -277,27 +277,33 @@ def _md_batch_max(res: dict, gpu: bool) -> list[str]:
             "Estimate: weights + batch x (KV of the reserved slots + recurrent state + an fp32 logits row) <= the "
             "limit.")
     if gpu:
-        note += (" The engine's warm-up before the CUDA-graph capture copies the recurrent state once, so a linear "
-                 "model fits about half its state-only estimate.")
+        top = res["meta"].get("options", {}).get("batch_triton_max")
+        note += (" The engine's warm-up before the CUDA-graph capture copies the recurrent state once (to undo "
+                 "the warm-up step), so expect a linear model to fit about half its estimate; peak = "
+                 f"`max_memory_allocated` while decoding at that batch. Batches above {top} decode with the torch "
+                 "step (cuBLAS GEMMs).")
     else:
         note += " CPU run: the limit is checked against the bytes the runner holds once its cache is reserved."
-    L = ["## Largest batch that fits", "", note, "",
-         "| model | context | largest batch | first OOM | tok/s there | estimate | weights GB | GB per sequence | "
-         "limit GB | status |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in bm:
-        e = r.get("estimate", {})
-        best = next((x for x in res.get("batch", []) if x["model"] == r["model"] and x["context"] == r["context"]
-                     and x["batch"] == r.get("max_batch") and _ok(x)), {})
-        size = r.get("max_batch", "–")
-        if r.get("capped"):
-            size = f">= {size} (cap)"
-        elif r.get("max_batch") and not r.get("exact"):
-            size = f"~{size}"
-        L.append(f"| {_label(r['model'], gpu)} | {_ctx(r['context'])} | {size} | {r.get('first_oom') or '–'} | "
-                 f"{_fmt(best.get('tokens_per_s'), 0)} | {e.get('analytic_max_batch', '–')} | "
-                 f"{_fmt(e.get('weights_gb'), 3)} | {_g(e.get('per_seq_gb'))} | {_fmt(e.get('limit_gb'), 3)} | "
-                 f"{r['status']} |")
-    return L + [""]
+    head = "| model | context | largest batch | first OOM | tok/s there | " + ("peak GB there | " if gpu else "")
+    head += "estimate | weights GB | GB per sequence | limit GB | status |"
+    L = ["## Largest batch that fits", "", note, "", head, "|---|" + "---|" * (head.count("|") - 2)]
+    return L + [_batch_max_line(res, r, gpu) for r in bm] + [""]
+
+
+def _batch_max_line(res: dict, r: dict, gpu: bool) -> str:
+    e = r.get("estimate", {})
+    best = next((x for x in res.get("batch", []) if x["model"] == r["model"] and x["context"] == r["context"]
+                 and x["batch"] == r.get("max_batch") and _ok(x)), {})
+    size = r.get("max_batch", "–")
+    if r.get("capped"):
+        size = f">= {size} (cap)"
+    elif r.get("max_batch") and not r.get("exact"):
+        size = f"~{size}"
+    cells = [_label(r["model"], gpu), _ctx(r["context"]), size, r.get("first_oom") or "–",
+             _fmt(best.get("tokens_per_s"), 0)] + ([_fmt(best.get("peak_gb"))] if gpu else [])
+    cells += [e.get("analytic_max_batch", "–"), _fmt(e.get("weights_gb"), 3), _g(e.get("per_seq_gb")),
+              _fmt(e.get("limit_gb"), 3), r["status"]]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def _md_kernel_compare(res: dict) -> list[str]:

@@ -107,7 +107,8 @@ def prompt_maker(config, device, image: Image.Image, question: str = TABLE2_QUES
         dt = time.perf_counter() - t0
         n_img = int((ids == config.img_context_token_id).sum())
         if n_img != pixels.shape[0] * per_tile:
-            raise AssertionError(f"{n_img} <IMG_CONTEXT> ids for {pixels.shape[0]} tiles of {per_tile} tokens")
+            raise ValueError(f"the prompt has {n_img} <IMG_CONTEXT> ids for {pixels.shape[0]} tiles of {per_tile} "
+                             "tokens: the tokenizer split the image tokens")
         return VisionPrompt(ids, pixels, pixels.shape[0], n_img, ids.shape[1] - n_img, dt)
 
     return make
