@@ -181,3 +181,9 @@ def test_table2_ids_variant_is_labelled(tmp_path):
     assert ids["prompt_tokens"] == ids["visual_tokens"] + ids["text_tokens"] == 16 + 8
     md = (tmp_path / "report.md").read_text()
     assert "| real |" in md and "| ids |" in md
+
+
+def test_bad_table2_image_size_fails_early(tmp_path, capsys):
+    assert main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path), "--table2-image", "896"]) == 2
+    assert "must look like WIDTHxHEIGHT" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()

@@ -95,6 +95,7 @@ class BenchOptions:
         if o.table2_vision not in TABLE2_VISION:
             raise ValueError(f"table2_vision {o.table2_vision!r}: choose from {TABLE2_VISION}")
         o.table2_image = o.table2_image or "{}x{}".format(*(TINY_IMAGE if t else TABLE2_IMAGE))
+        parse_size(o.table2_image)  # a bad size fails here, before any model is built
         o.table2_visual = o.table2_visual if o.table2_visual is not None else (16 if t else 768)
         o.table2_prompt = o.table2_prompt if o.table2_prompt is not None else (8 if t else 32)
         o.table2_out = o.table2_out if o.table2_out is not None else (16 if t else 256)
