@@ -169,6 +169,11 @@ def test_bench_subcommand_options(tmp_path):
                                                                 (4, "search")]
     (top,) = res["batch_max"]
     assert top["context"] == 32 and top["capped"] and top["max_batch"] == 4 and top["first_oom"] is None
+    rc = main(["bench", "--device", "cpu", "--tiny", "--out", str(tmp_path), "--models", "linear", "--contexts", "16",
+               "--table2-out", "0", "--batch-sizes", "1,2", "--no-batch-search"])
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert rc == 0 and [r["batch"] for r in res["batch"]] == [1, 2]
+    assert res["batch_max"][0]["status"] == "not searched (--no-batch-search)"
 
 
 def test_table2_ids_variant_is_labelled(tmp_path):

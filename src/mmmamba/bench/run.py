@@ -60,6 +60,7 @@ class BenchOptions:
     batch_sizes: list[int] | None = None  # timed as listed; None: the search's doubling gives the curve
     batch_contexts: list[int] | None = None
     batch_models: list[str] = field(default_factory=lambda: ["linear", "hybrid", "teacher"])
+    batch_search: bool = True  # the largest-batch search (its doubling also gives the throughput curve)
     batch_max: int | None = None  # the search's cap
     batch_steps: int | None = None
     batch_memory_limit_gb: float | None = None  # None: the card's memory (CUDA); no search on a CPU
@@ -444,8 +445,9 @@ def _batch_context(run: _Run, name: str, runner, ctx: int) -> None:
 
 
 def _batch_search(run: _Run, runner, ctx: int, limit: int | None, known: dict, rec: dict) -> None:
-    if limit is None:
-        rec["status"] = "not searched (a CPU run needs --batch-memory-limit-gb)"
+    if not run.o.batch_search or limit is None:
+        rec["status"] = "not searched (" + ("--no-batch-search" if not run.o.batch_search else
+                                           "a CPU run needs --batch-memory-limit-gb") + ")"
         return
     o = run.o
     rec["estimate"] = memory_estimate(runner, _cache_len(runner, ctx + min(o.warmup, 2) + o.batch_steps + 4), limit)
@@ -544,6 +546,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-contexts", "--batch-context", dest="batch_contexts", type=_ints,
                    help="contexts of the batch sweep (default 8k,128k; tiny: 64)")
     p.add_argument("--batch-models", default="linear,hybrid,teacher", help="empty: no batch sweep")
+    p.add_argument("--no-batch-search", action="store_true",
+                   help="time only --batch-sizes, no largest-batch search")
     p.add_argument("--batch-max", type=int, help="cap of the largest-batch search (default 4096; tiny: 256)")
     p.add_argument("--batch-steps", type=int, help="timed decode steps per batch probe (default 8; tiny: 3)")
     p.add_argument("--batch-memory-limit-gb", type=float,
@@ -577,6 +581,7 @@ def options_from_args(args) -> BenchOptions:
         prefill_contexts=args.prefill_contexts, attn_prefill_max=args.attn_prefill_max, steps=args.steps,
         warmup=args.warmup, batch_sizes=args.batch_sizes, batch_contexts=args.batch_contexts,
         batch_models=[m.strip() for m in args.batch_models.split(",") if m.strip()], batch_max=args.batch_max,
+        batch_search=not args.no_batch_search,
         batch_steps=args.batch_steps, batch_memory_limit_gb=args.batch_memory_limit_gb,
         batch_triton_max=args.batch_triton_max,
         table2_vision=args.table2_vision, table2_image=args.table2_image, table2_max_tiles=args.table2_max_tiles,
