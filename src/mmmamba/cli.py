@@ -258,6 +258,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from .distill.throughput import options_from_args, run_train_bench
+
+    run_train_bench(options_from_args(args))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -445,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed and memory vs context (teacher, linear, hybrid; paper Fig. 1 / Table 2)")
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    from .distill.throughput import add_arguments as add_bench_train_arguments
+
+    t = sub.add_parser("bench-train", help="training throughput and MFU per distillation stage (random weights)")
+    add_bench_train_arguments(t)
+    t.set_defaults(func=cmd_bench_train)
     return p
 
 

@@ -135,27 +135,27 @@ def test_other_kernels_compile(tk):
     for kc in (2, 3, 4):
         sig = {n: f"*{dt}" for n in ("x_ptr", "o_ptr", "dy_ptr", "dx_ptr")} | {n: "*fp32" for n in ("w_ptr", "b_ptr",
                                                                                                    "dw_ptr", "db_ptr")}
-        _compile(cs._fwd_kernel, sig, dict(KC=kc, HAS_B=True, BT=cs.BT, BC=cs.BC))
-        k = _compile(cs._bwd_kernel, sig, dict(KC=kc, HAS_B=True, BT=cs._bwd_bt(kc), BC=cs.BC))
+        _compile(cs._conv_silu_fwd_kernel, sig, dict(KC=kc, HAS_B=True, BT=cs.BT, BC=cs.BC))
+        k = _compile(cs._conv_silu_bwd_kernel, sig, dict(KC=kc, HAS_B=True, BT=cs._bwd_bt(kc), BC=cs.BC))
         assert _local_bytes(k) in (None, 0), f"conv+SiLU backward k={kc}: spills"
 
-    _compile(gn._fwd_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "o_ptr")} | {"w_ptr": "*fp32", "eps": "fp32"},
-             dict(D=128, BH=16))
+    _compile(gn._gated_norm_fwd_kernel,
+             {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "o_ptr")} | {"w_ptr": "*fp32", "eps": "fp32"}, dict(D=128, BH=16))
     for d, bh in ((64, 32), (128, 16)):  # SmolLM2 and HoVLE heads
         _compile(gn._fwd_mse_kernel, {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "t_ptr")} |
                  {n: "*fp32" for n in ("w_ptr", "rw_ptr", "part_ptr")} | {"eps": "fp32"}, dict(D=d, BH=bh, HAS_RW=True))
         for loss in (False, True):  # from dy, or with the masked MSE's gradient formed in the kernel
             sig = {n: f"*{dt}" for n in ("x_ptr", "g_ptr", "dy_ptr", "dx_ptr", "dg_ptr", "t_ptr")}
             sig |= {n: "*fp32" for n in ("w_ptr", "dw_ptr", "rw_ptr", "coef_ptr")} | {"eps": "fp32"}
-            k = _compile(gn._bwd_kernel, sig, dict(D=d, BH=bh, BR=16, LOSS=loss, HAS_RW=loss))
+            k = _compile(gn._gated_norm_bwd_kernel, sig, dict(D=d, BH=bh, BR=16, LOSS=loss, HAS_RW=loss))
             assert _local_bytes(k) in (None, 0), f"gated-norm backward d={d} loss={loss}: spills"
     from mmmamba.ops import gla_prep  # fla's inputs from the conv output (training)
 
     for d, h, kv in ((64, 9, 3), (128, 16, 8)):  # SmolLM2 and HoVLE heads
         sig = {n: f"*{dt}" for n in ("xc_ptr", "q_ptr", "k_ptr", "v_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dxc_ptr")}
         sig |= {"dt_ptr": "*fp32", "ddt_ptr": "*fp32"}
-        _compile(gla_prep._fwd_kernel, sig, dict(H=h, KV=kv, D=d, BT=gla_prep.BT))
-        k = _compile(gla_prep._bwd_kernel, sig, dict(H=h, KV=kv, D=d, BT=gla_prep.BT))
+        _compile(gla_prep._gla_prep_fwd_kernel, sig, dict(H=h, KV=kv, D=d, BT=gla_prep.BT))
+        k = _compile(gla_prep._gla_prep_bwd_kernel, sig, dict(H=h, KV=kv, D=d, BT=gla_prep.BT))
         assert _local_bytes(k) in (None, 0), f"SSD input preparation backward d={d}: spills"
     from mmmamba.ops import swiglu  # the gated MLP's SiLU product (training, frozen teacher streams)
 

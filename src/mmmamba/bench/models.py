@@ -6,22 +6,11 @@ from __future__ import annotations
 import torch
 
 from ..models import MMMambaConfig, MMMambaForCausalLM
+from ..models.dims import HOVLE_DIMS, TINY_DIMS  # noqa: F401  (bench's dims)
 from ..models.placement import parse_placement
 
-# HoVLE-2.6B: 8 embedding + 24 InternLM2 layers = 32 decoder layers (METHOD.md §1)
-HOVLE_DIMS = dict(
-    vocab_size=92553, hidden_size=2048, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1_000_000.0,
-    max_position_embeddings=1 << 19, mamba_d_conv=2, mamba_chunk_size=64,
-)
-TINY_DIMS = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-    max_position_embeddings=1 << 14, mamba_d_conv=2, mamba_chunk_size=16,
-)
-
 # HoVLE's vision front (METHOD.md §1.2): 448-pixel tiles, 14-pixel patches, pixel shuffle 0.5 -> 256 tokens per tile;
-# the 8 holistic-embedding layers are the first 8 of the 32 decoder layers above. Tiny: 112-pixel tiles, 16 tokens.
+# the 8 holistic-embedding layers are the first 8 of HOVLE_DIMS' 32 decoder layers. Tiny: 112-pixel tiles, 16 tokens.
 HOVLE_VISION = dict(
     vision_config=dict(image_size=448, patch_size=14, num_channels=3, downsample_ratio=0.5, use_thumbnail=True,
                        dynamic_image_size=True, min_dynamic_patch=1, max_dynamic_patch=12),

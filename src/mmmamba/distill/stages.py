@@ -92,6 +92,16 @@ def enable_checkpointing(model: MMMambaForCausalLM) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def set_checkpointing(model: MMMambaForCausalLM, on: bool) -> None:
+    """`enable_checkpointing(model)`, or (on=False) every decoder layer back to keeping its activations."""
+    if on:
+        enable_checkpointing(model)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def right_padded(attention_mask: torch.Tensor | None) -> bool:
     """True when no row has padding before a real token (then plain causal attention gives the real tokens
     exactly the masked result, and the masks can be dropped so SDPA takes its flash path)."""

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .checked import cuda_index, passes_check, rel_error, with_long_rows
+from .checked import cuda_index, passes_check, rel_error, switchable, with_long_rows
 
 try:
     import triton
@@ -164,7 +164,7 @@ def rmsnorm_errors(dtype: torch.dtype, device, rows: int = 37, n: int = 300) -> 
     return dict(zip(("y", "dx", "dw"), map(rel_error, run(RMSNormFn.apply), run(rmsnorm_ref))))
 
 
-@functools.cache
+@switchable("rmsnorm")
 def rmsnorm_ok(dtype: torch.dtype, device_index: int) -> bool:
     """Whether `rmsnorm` may use the kernels on this CUDA device in `dtype` (both checked once)."""
     dev = torch.device("cuda", device_index)

@@ -58,7 +58,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _fwd_kernel(x_ptr, sxb, sxl, w_ptr, b_ptr, o_ptr, sob, sol, L, C,
+    def _conv_silu_fwd_kernel(x_ptr, sxb, sxl, w_ptr, b_ptr, o_ptr, sob, sol, L, C,
                     KC: tl.constexpr, HAS_B: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
         seq = tl.program_id(0).to(tl.int64)
         rt = tl.program_id(1) * BT + tl.arange(0, BT)
@@ -70,7 +70,7 @@ if triton is not None:
                  mask=(rt < L)[:, None] & cm[None, :])
 
     @triton.jit
-    def _bwd_kernel(x_ptr, sxb, sxl, w_ptr, b_ptr, dy_ptr, sdb, sdl, dx_ptr, sdxb, sdxl, dw_ptr, db_ptr, L, C,
+    def _conv_silu_bwd_kernel(x_ptr, sxb, sxl, w_ptr, b_ptr, dy_ptr, sdb, sdl, dx_ptr, sdxb, sdxl, dw_ptr, db_ptr, L, C,
                     KC: tl.constexpr, HAS_B: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
         """dx_t = sum_s w[:, k-1-s] * dpre_{t+s}; this program's sums over its tokens of dpre_t * x_{t-k+1+j} (dw)
         and dpre_t (db), written to row (seq, token block) of the partial buffers."""
@@ -176,7 +176,7 @@ class ConvSiLUFn(torch.autograd.Function):
         B, L, C = x.shape
         out = torch.empty(B, L, C, dtype=x.dtype, device=x.device)
         wc = w.contiguous()
-        _fwd_kernel[_grid(x)](x, x.stride(0), x.stride(1), wc, b if b is not None else wc, out, out.stride(0),
+        _conv_silu_fwd_kernel[_grid(x)](x, x.stride(0), x.stride(1), wc, b if b is not None else wc, out, out.stride(0),
                               out.stride(1), L, C, KC=w.shape[1], HAS_B=b is not None, BT=BT, BC=BC, num_warps=4)
         ctx.save_for_backward(x, wc, b)
         return out
@@ -192,9 +192,9 @@ class ConvSiLUFn(torch.autograd.Function):
         dw = torch.empty(B * grid[1], C, k, dtype=torch.float32, device=x.device)
         db = torch.empty(B * grid[1], C, dtype=torch.float32, device=x.device)
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        _bwd_kernel[grid](x, x.stride(0), x.stride(1), w, b if b is not None else w, dy, dy.stride(0), dy.stride(1),
-                          dx, dx.stride(0), dx.stride(1), dw, db, L, C, KC=k, HAS_B=b is not None, BT=bt, BC=BC,
-                          num_warps=4)
+        _conv_silu_bwd_kernel[grid](x, x.stride(0), x.stride(1), w, b if b is not None else w, dy, dy.stride(0),
+                                    dy.stride(1), dx, dx.stride(0), dx.stride(1), dw, db, L, C, KC=k,
+                                    HAS_B=b is not None, BT=bt, BC=BC, num_warps=4)
         return dx, dw.sum(0).to(w.dtype), None if b is None else db.sum(0).to(b.dtype)
 
 

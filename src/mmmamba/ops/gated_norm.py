@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from .checked import cuda_index, passes_check, rel_error, with_long_rows
+from .checked import cuda_index, passes_check, rel_error, switchable, with_long_rows
 from .mse import masked_mse
 
 try:
@@ -51,7 +51,7 @@ if triton is not None:
         return n * w[None, :] * (g * tl.sigmoid(g))
 
     @triton.jit
-    def _fwd_kernel(x_ptr, sx, g_ptr, sg, w_ptr, o_ptr, so, H, eps, D: tl.constexpr, BH: tl.constexpr):
+    def _gated_norm_fwd_kernel(x_ptr, sx, g_ptr, sg, w_ptr, o_ptr, so, H, eps, D: tl.constexpr, BH: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         rh = tl.program_id(1) * BH + tl.arange(0, BH)
         m = (rh < H)[:, None]
@@ -84,7 +84,7 @@ if triton is not None:
         tl.store(part_ptr + row * tl.num_programs(1) + hb, s)
 
     @triton.jit
-    def _bwd_kernel(x_ptr, sx, g_ptr, sg, w_ptr, dy_ptr, sdy, dx_ptr, sdx, dg_ptr, sdg, dw_ptr, ROWS, H, eps,
+    def _gated_norm_bwd_kernel(x_ptr, sx, g_ptr, sg, w_ptr, dy_ptr, sdy, dx_ptr, sdx, dg_ptr, sdg, dw_ptr, ROWS, H, eps,
                     t_ptr, stb, stl, sth, L, rw_ptr, coef_ptr,
                     D: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr, LOSS: tl.constexpr, HAS_RW: tl.constexpr):
         """Rows [pid0 * BR, (pid0 + 1) * BR), heads of block pid1: dx, dg, and this program's sum of dw. LOSS: dy is
@@ -143,14 +143,14 @@ def _forward_rows(x2, g2, w, eps: float, head_dim: int, shape) -> torch.Tensor:
     out = torch.empty(shape, dtype=x2.dtype, device=x2.device)
     o2 = out.view(-1, out.shape[-1])
     bh = _blocks(H, head_dim)
-    _fwd_kernel[(x2.shape[0], triton.cdiv(H, bh))](x2, x2.stride(0), g2, g2.stride(0), w, o2, o2.stride(0), H,
-                                                   float(eps), D=head_dim, BH=bh, num_warps=4)
+    _gated_norm_fwd_kernel[(x2.shape[0], triton.cdiv(H, bh))](x2, x2.stride(0), g2, g2.stride(0), w, o2, o2.stride(0),
+                                                              H, float(eps), D=head_dim, BH=bh, num_warps=4)
     return out
 
 
 def _backward_rows(x2, g2, w, eps: float, D: int, g_dtype, dy2=None, loss=None):
-    """dx, dg (rows, h*d) and dw (d,) in fp32 by `_bwd_kernel`: from dy2, or (loss = (t, rw, coef)) from the masked
-    MSE's gradient formed in the kernel."""
+    """dx, dg (rows, h*d) and dw (d,) in fp32 by `_gated_norm_bwd_kernel`: from dy2, or (loss = (t, rw, coef)) from
+    the masked MSE's gradient formed in the kernel."""
     rows, H = x2.shape[0], x2.shape[1] // D
     dx = torch.empty(rows, x2.shape[1], dtype=x2.dtype, device=x2.device)
     dg = torch.empty(rows, g2.shape[1], dtype=g_dtype, device=g2.device)
@@ -163,14 +163,14 @@ def _backward_rows(x2, g2, w, eps: float, D: int, g_dtype, dy2=None, loss=None):
     else:
         (t, rw, coef), dy2, sdy = loss, x2, 0
         L, t_strides = t.shape[1], t.stride()[:3]
-    _bwd_kernel[grid](x2, x2.stride(0), g2, g2.stride(0), w, dy2, sdy, dx, dx.stride(0), dg, dg.stride(0), dw, rows, H,
-                      float(eps), t, *t_strides, L, coef if rw is None else rw, coef, D=D, BH=bh, BR=br,
-                      LOSS=loss is not None, HAS_RW=rw is not None, num_warps=4)
+    _gated_norm_bwd_kernel[grid](x2, x2.stride(0), g2, g2.stride(0), w, dy2, sdy, dx, dx.stride(0), dg, dg.stride(0),
+                                 dw, rows, H, float(eps), t, *t_strides, L, coef if rw is None else rw, coef, D=D,
+                                 BH=bh, BR=br, LOSS=loss is not None, HAS_RW=rw is not None, num_warps=4)
     return dx, dg, dw.sum(0)
 
 
 class GatedRMSNormFn(torch.autograd.Function):
-    """x, g (..., h*d), w (d,) -> (..., h*d): `fused_forward`, and `_bwd_kernel` for dx, dg, dw."""
+    """x, g (..., h*d), w (d,) -> (..., h*d): `fused_forward`, and `_gated_norm_bwd_kernel` for dx, dg, dw."""
 
     @staticmethod
     def forward(ctx, x, g, w, eps: float, head_dim: int):
@@ -192,7 +192,7 @@ class GatedRMSNormMSEFn(torch.autograd.Function):
     """masked_mse(gated norm of x, g; t, mask) without storing the norm's output or its gradient: x, g, t (b, l, h, d)
     (g and t may be strided over b, l, h), w (d,), rw (b*l,) fp32 row weights (the mask) or None -> fp32 scalar.
 
-    Forward: one kernel of per-(row, head block) sums of rw (y - t)^2; backward: `_bwd_kernel` forms
+    Forward: one kernel of per-(row, head block) sums of rw (y - t)^2; backward: `_gated_norm_bwd_kernel` forms
     dy = 2 dL rw (y - t) / denom itself, denom = max(sum rw, 1) * h * d (rows * h * d without a mask)."""
 
     @staticmethod
@@ -305,7 +305,7 @@ def fused_mse_errors(head_dim: int, dtype: torch.dtype, device, heads: int = 3, 
     return dict(zip(("loss", "dx", "dg", "dw"), map(rel_error, run(fused), run(ref))))
 
 
-@functools.cache
+@switchable("norm_mse")
 def _fused_mse_ok(head_dim: int, dtype: torch.dtype, device_index: int) -> bool:
     dev = torch.device("cuda", device_index)
 

@@ -9,11 +9,9 @@ copies and their backward passes; checked once against the reference before firs
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .checked import cuda_index, passes_check, rel_error
+from .checked import cuda_index, passes_check, rel_error, switchable
 from .ssd_ref import dt_x
 
 try:
@@ -44,7 +42,7 @@ def gla_prep_ref(xc: torch.Tensor, dt: torch.Tensor, h: int, kv: int, d: int):
 if triton is not None:
 
     @triton.jit
-    def _fwd_kernel(xc_ptr, sx, dt_ptr, sdt, q_ptr, k_ptr, v_ptr, ROWS, H: tl.constexpr, KV: tl.constexpr,
+    def _gla_prep_fwd_kernel(xc_ptr, sx, dt_ptr, sdt, q_ptr, k_ptr, v_ptr, ROWS, H: tl.constexpr, KV: tl.constexpr,
                     D: tl.constexpr, BT: tl.constexpr):
         """Rows [pid0 BT, +BT), head pid1 (kv group pid1 // (H // KV))."""
         rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
@@ -63,7 +61,7 @@ if triton is not None:
         tl.store(v_ptr + out, (v.to(tl.float32) * dt[:, None]).to(v_ptr.dtype.element_ty), mask=mr)
 
     @triton.jit
-    def _bwd_kernel(xc_ptr, sx, dt_ptr, sdt, dq_ptr, dk_ptr, dv_ptr, dxc_ptr, sdx, ddt_ptr, ROWS,
+    def _gla_prep_bwd_kernel(xc_ptr, sx, dt_ptr, sdt, dq_ptr, dk_ptr, dv_ptr, dxc_ptr, sdx, ddt_ptr, ROWS,
                     H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, BT: tl.constexpr):
         """Rows [pid0 BT, +BT), kv group pid1: dq into the q columns of its heads; the sums over the group's heads of
         dk and dv * dt into the k and v columns; ddt = sum_d(dv * v) per head (fp32)."""
@@ -98,7 +96,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class GLAPrepFn(torch.autograd.Function):
-    """(xc, dt, h, kv, d) -> (q, k, v * dt) by `_fwd_kernel`; dxc and ddt (fp32) by `_bwd_kernel`."""
+    """(xc, dt, h, kv, d) -> (q, k, v * dt) by `_gla_prep_fwd_kernel`; dxc and ddt (fp32) by `_gla_prep_bwd_kernel`."""
 
     @staticmethod
     def forward(ctx, xc, dt, h: int, kv: int, d: int):
@@ -106,8 +104,8 @@ class GLAPrepFn(torch.autograd.Function):
         x2, dt2 = _rows(xc), _rows(dt)
         rows = x2.shape[0]
         q, k, v = (torch.empty(b, l, h, d, dtype=xc.dtype, device=xc.device) for _ in range(3))
-        _fwd_kernel[(triton.cdiv(rows, BT), h)](x2, x2.stride(0), dt2, dt2.stride(0), q, k, v, rows, H=h, KV=kv, D=d,
-                                                BT=BT, num_warps=4)
+        _gla_prep_fwd_kernel[(triton.cdiv(rows, BT), h)](x2, x2.stride(0), dt2, dt2.stride(0), q, k, v, rows, H=h,
+                                                         KV=kv, D=d, BT=BT, num_warps=4)
         ctx.save_for_backward(x2, dt2)
         ctx.dims, ctx.shapes = (h, kv, d), (xc.shape, dt.shape, dt.dtype)
         return q, k, v
@@ -121,8 +119,8 @@ class GLAPrepFn(torch.autograd.Function):
         dq, dk, dv = (t.contiguous() for t in (dq, dk, dv))
         dxc = torch.empty(rows, x2.shape[1], dtype=x2.dtype, device=x2.device)
         ddt = torch.empty(rows, h, dtype=torch.float32, device=x2.device)
-        _bwd_kernel[(triton.cdiv(rows, BT), kv)](x2, x2.stride(0), dt2, dt2.stride(0), dq, dk, dv, dxc, dxc.stride(0),
-                                                 ddt, rows, H=h, KV=kv, D=d, BT=BT, num_warps=4)
+        _gla_prep_bwd_kernel[(triton.cdiv(rows, BT), kv)](x2, x2.stride(0), dt2, dt2.stride(0), dq, dk, dv, dxc,
+                                                          dxc.stride(0), ddt, rows, H=h, KV=kv, D=d, BT=BT, num_warps=4)
         return dxc.view(xc_shape), ddt.view(dt_shape).to(dt_dtype), None, None, None
 
 
@@ -153,7 +151,7 @@ def fused_errors(d: int, dtype: torch.dtype, device, h: int = 6, kv: int = 2, b:
     return dict(zip(("q", "k", "v", "dxc", "ddt"), map(rel_error, run(GLAPrepFn.apply), run(gla_prep_ref))))
 
 
-@functools.cache
+@switchable("gla_prep")
 def fused_ok(d: int, dtype: torch.dtype, device_index: int) -> bool:
     """Whether `gla_prep` may use the kernels on this CUDA device for head dim d in `dtype` (checked once)."""
     return triton is not None and passes_check(

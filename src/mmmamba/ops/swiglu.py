@@ -10,13 +10,11 @@ SiLU(g) for the backward), after a one-off check of both against the formula. El
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from .add_norm import rows_view
-from .checked import cuda_index, passes_check, rel_error
+from .checked import cuda_index, passes_check, rel_error, switchable
 
 try:
     import triton
@@ -136,7 +134,7 @@ def fused_errors(dtype: torch.dtype, device, n: int = 3 * BLOCK + 37) -> dict[st
     return {**errs, "packed": packed}
 
 
-@functools.cache
+@switchable("swiglu")
 def fused_ok(dtype: torch.dtype, device_index: int) -> bool:
     """Whether `silu_mul` may use the kernels on this CUDA device in `dtype` (checked once)."""
     return triton is not None and passes_check(
