@@ -15,6 +15,7 @@ from mmmamba.distill.stages import (
     check_shared_weights,
     enable_checkpointing,
     right_padded,
+    set_checkpointing,
     set_trainable,
     trainable_parameter_names,
 )
@@ -198,15 +199,24 @@ def test_stage2_teacher_path_stays_frozen(tiny_teacher):
     assert s_w.data_ptr() != t_w.data_ptr()
 
 
-def test_layerwise_gradient_checkpointing_same_loss_and_grads(tiny_teacher):
+@pytest.mark.parametrize("stage", [1, 2])
+def test_layerwise_gradient_checkpointing_same_loss_and_grads(tiny_teacher, monkeypatch, stage):
+    """Same loss and gradients, and the mixers really run again in the backward (checkpointing is not a no-op)."""
+    from mmmamba.layers.mamba2 import Mamba2Mixer
+
+    calls = []
+    heads_mse = Mamba2Mixer.heads_mse
+    monkeypatch.setattr(Mamba2Mixer, "heads_mse", lambda self, *a, **k: calls.append(1) or heads_mse(self, *a, **k))
     ids = _ids()
     grads = []
     for ckpt in (False, True):
         student = seed_student(tiny_teacher, None)
-        set_trainable(student, 2)
+        set_trainable(student, stage)
         module = LayerwiseDistill(student, tiny_teacher, gradient_checkpointing=ckpt).train()
+        calls.clear()
         loss, _ = module(ids)
         loss.backward()
+        assert len(calls) == 4 * (2 if ckpt else 1)  # 4 Mamba-2 layers, recomputed once each under checkpointing
         grads.append((loss.detach(), [p.grad.clone() for p in student.parameters() if p.requires_grad]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(grads[0][1], grads[1][1]))
@@ -270,16 +280,24 @@ def test_right_padded():
 
 
 def test_end_to_end_gradient_checkpointing_same_grads(tiny_teacher):
+    """Same loss and gradients; every student layer runs again in the backward; set_checkpointing(False) undoes it."""
     ids = _ids()
     out = []
-    for ckpt in (False, True):
+    for ckpt in (False, True, "undone"):
         student = seed_student(tiny_teacher, [0])
         set_trainable(student, 3)
         if ckpt:
             enable_checkpointing(student)
+        if ckpt == "undone":
+            set_checkpointing(student, False)
+        calls = []
+        for i in student.config.mamba_layers:  # 1, 2, 3 (the recomputation stops early, after their mixers)
+            student.model.layers[i].mixer.register_forward_hook(lambda *a, calls=calls: calls.append(1))
         module = EndToEndDistill(student, tiny_teacher, positions="all").train()
         loss, _ = module(ids)
         loss.backward()
+        assert len(calls) == 3 * (2 if ckpt is True else 1)
         out.append((loss.detach(), [p.grad.clone() for p in student.parameters() if p.requires_grad]))
-    assert torch.allclose(out[0][0], out[1][0], rtol=1e-6)
-    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(out[0][1], out[1][1]))
+    for other in out[1:]:
+        assert torch.allclose(out[0][0], other[0], rtol=1e-6)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(out[0][1], other[1]))

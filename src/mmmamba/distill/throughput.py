@@ -92,9 +92,11 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in msg or "CUBLAS_STATUS_ALLOC_FAILED" in msg)
 
 
-def largest_fitting(fits: Callable[[int], bool], limit: int, start: int = 1) -> tuple[int, list[tuple[int, bool]]]:
+def largest_fitting(fits: Callable[[int], bool], limit: int, start: int = 1,
+                    stop: Callable[[], bool] = lambda: False) -> tuple[int, list[tuple[int, bool]]]:
     """The largest b in [start, limit] with fits(b) (fits taken as monotone: true up to some b, false above), by
-    doubling from `start` and then bisecting; 0 when `start` does not fit. Returns (b, [(b tried, fitted)])."""
+    doubling from `start` and then bisecting; 0 when `start` does not fit. `stop()` true (a time budget spent) ends
+    the search early with the largest b that fitted so far. Returns (b, [(b tried, fitted)])."""
     trials: list[tuple[int, bool]] = []
 
     def trial(b: int) -> bool:
@@ -105,13 +107,13 @@ def largest_fitting(fits: Callable[[int], bool], limit: int, start: int = 1) -> 
     if not trial(start):
         return 0, trials
     lo, hi = start, None
-    while hi is None and lo < limit:
+    while hi is None and lo < limit and not stop():
         b = min(2 * lo, limit)
         if trial(b):
             lo = b
         else:
             hi = b
-    while hi is not None and hi - lo > 1:
+    while hi is not None and hi - lo > 1 and not stop():
         mid = (lo + hi) // 2
         if trial(mid):
             lo = mid
@@ -252,6 +254,22 @@ def _throughput(t: dict, tokens_per_step: int, flops_per_token: float, peak_tflo
     return {**t, "tokens_per_s": tok_s, "tflop_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else None}
 
 
+def measure_variant(sb: StageBench, b: int, off: bool, share_end: float, n_variants: int, flops_per_token: float,
+                    peak: float | None) -> dict:
+    """Time (and, within the budget, profile) sb's step at micro-batch b with the newer kernels on or off."""
+    opts, device = sb.opts, sb.device
+    cuda = device.type == "cuda"
+    kernels = kernel_variant(sb.student, sb.stage, device, off=off)
+    step = sb.step_fn(b, graph=opts.cuda_graph and cuda)
+    t = time_steps(step, device, max(opts.warmup, 3 if opts.cuda_graph and cuda else 0), opts.steps,
+                   Budget(max(share_end - time.monotonic(), 0.0)), reserve_s=10.0 * n_variants)
+    v = {**_throughput(t, b * opts.seq, flops_per_token, peak), "kernels": kernels}
+    if opts.profile and cuda and share_end - time.monotonic() > 3 * v["step_s"] + 2:
+        v["profile"] = profile_kernels(step, opts.top)
+        v["gpu_busy"] = v["profile"]["total_ms"] / 1e3 / v["step_s"]
+    return v
+
+
 def run_stage(stage: int, student, teacher, opts: TrainBenchOptions, device: torch.device, budget: Budget,
               stages_left: int, peak: float | None, log: Callable[[str], None]) -> dict:
     """Search the micro-batch, time the step with the kernels on and off, profile both (see the module doc)."""
@@ -271,9 +289,11 @@ def run_stage(stage: int, student, teacher, opts: TrainBenchOptions, device: tor
         if opts.micro_batch or not cuda:
             b = opts.micro_batch or 1
             break
-        b, trials = largest_fitting(sb.fits, opts.max_micro_batch)
-        searches.append({"checkpointing": ckpt, "largest": b, "trials": trials})
-        if b >= min(opts.min_batch, opts.max_micro_batch):
+        search_end = time.monotonic() + 0.4 * (share_end - time.monotonic())  # the rest: the timed steps
+        b, trials = largest_fitting(sb.fits, opts.max_micro_batch, stop=lambda end=search_end: time.monotonic() > end)
+        complete = b in (0, opts.max_micro_batch) or (b + 1, False) in trials
+        searches.append({"checkpointing": ckpt, "largest": b, "trials": trials, "stopped_by_budget": not complete})
+        if b >= min(opts.min_batch, opts.max_micro_batch) or not complete:  # enough rows, or no time to look on
             break
     res.update(micro_batch=b, checkpointing=sb.checkpointing, search=searches,
                capped=bool(searches) and b == opts.max_micro_batch)
@@ -283,32 +303,32 @@ def run_stage(stage: int, student, teacher, opts: TrainBenchOptions, device: tor
     if b == 0:
         res["error"] = "out of memory at micro-batch 1" + (" with checkpointing" if sb.checkpointing else "")
         return res
-    tokens = b * opts.seq
     log(f"stage {stage}: micro-batch {b} x {opts.seq}, checkpointing {'on' if sb.checkpointing else 'off'}; "
-        f"estimated memory {res['memory_estimate_gib']['total']:.1f} GiB")
+        "estimated memory (GiB) " + ", ".join(f"{k} {v:.2f}" for k, v in res["memory_estimate_gib"].items()))
     variants = [("on", False)] + ([("off", True)] if opts.kernels_ab else [])
     res["variants"] = {}
+    step_s = 0.0
     for name, off in variants:
         left = share_end - time.monotonic()
-        if name != "on" and left < 5 + (opts.warmup + 2) * res["variants"]["on"]["step_s"]:
+        if name != "on" and left < 5 + (opts.warmup + 2) * step_s:
             res["variants"][name] = {"skipped": f"time budget ({left:.0f} s left for this stage)"}
             continue
-        kernels = kernel_variant(student, stage, device, off=off)
-        step = sb.step_fn(b, graph=opts.cuda_graph and cuda)
-        t = time_steps(step, device, max(opts.warmup, 3 if opts.cuda_graph and cuda else 0), opts.steps,
-                       Budget(max(share_end - time.monotonic(), 0.0)), reserve_s=10.0 * len(variants))
-        v = _throughput(t, tokens, flops["total"], peak)
-        v["kernels"] = kernels
-        if opts.profile and cuda and share_end - time.monotonic() > 3 * v["step_s"] + 2:
-            v["profile"] = profile_kernels(step, opts.top)
-            v["gpu_busy"] = v["profile"]["total_ms"] / 1e3 / v["step_s"]
-        res["variants"][name] = v
-        log(f"stage {stage} kernels {name}: {v['tokens_per_s']:,.0f} tok/s, {v['tflop_s']:.1f} TFLOP/s"
-            + (f", MFU {100 * v['mfu']:.1f} %" if v["mfu"] is not None else "")
-            + (f", peak {v['peak_gib']:.2f} GiB" if v["peak_gib"] is not None else ""))
-        del step
+        try:
+            v = measure_variant(sb, b, off, share_end, len(variants), flops["total"], peak)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            v = {"error": f"out of memory while timing ({str(e).splitlines()[0][:160]})"}
         sb.opt.zero_grad(set_to_none=True)
         _free(device)
+        res["variants"][name] = v
+        if "error" in v:
+            log(f"stage {stage} kernels {name}: {v['error']}")
+            continue
+        step_s = v["step_s"]
+        log(f"stage {stage} kernels {name}: {v['tokens_per_s']:,.0f} tok/s, {v['tflop_s']:.3g} TFLOP/s"
+            + (f", MFU {100 * v['mfu']:.1f} %" if v["mfu"] is not None else "")
+            + (f", peak {v['peak_gib']:.2f} GiB" if v["peak_gib"] is not None else ""))
     set_kernels_off(())
     return res
 
@@ -324,7 +344,7 @@ def _build(name: str, opts: TrainBenchOptions, device: torch.device, log) -> tup
         layers = parse_placement(None if opts.placement == "none" else opts.placement, teacher.config.num_hidden_layers)
         students[3] = apply_placement(linear, teacher, layers)
     teacher = teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    log(f"{name}: teacher {parameter_counts(teacher.config)['total'] / 1e9:.3f} B parameters, built in "
+    log(f"{name}: teacher {parameter_counts(teacher.config)['total'] / 1e6:,.1f} M parameters, built in "
         f"{time.perf_counter() - t0:.1f} s")
     return teacher, students
 
@@ -353,6 +373,7 @@ def run_train_bench(opts: TrainBenchOptions, log: Callable[[str], None] = print)
             if on_device is not None and on_device is not student:
                 on_device.to("cpu")
             on_device = student.to(device, torch.float32)
+            _free(device)
             left = len(todo) - len(out["runs"])
             try:
                 r = run_stage(stage, student, teacher, opts, device, budget, left, peak, log)
@@ -383,8 +404,17 @@ def report_markdown(res: dict) -> str:
              f"{_fmt(peak, '.0f')} TFLOP/s. Command: `{res['options']['command']}`", "",
              "| dims | stage | layers | ckpt | micro-batch | kernels | tok/s | TFLOP/s | MFU | peak GiB | "
              "est. GiB | GPU busy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups = []
+    groups, notes = [], []
     for r in res["runs"]:
+        for sr in r.get("search", []):
+            tried = ", ".join(f"{b} {'fits' if ok else 'OOM'}" for b, ok in sr["trials"])
+            notes.append(f"- {r['dims']} stage {r['stage']}, checkpointing {'on' if sr['checkpointing'] else 'off'}: "
+                         f"{tried} -> {sr['largest']}" + (" (search cut short by the time budget)"
+                                                          if sr["stopped_by_budget"] else ""))
+        est = r.get("memory_estimate_gib")
+        if est:
+            notes.append(f"- {r['dims']} stage {r['stage']} memory estimate (GiB): "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
         head = f"| {r['dims']} | {r['stage']} | {len(r['layers'])} ({r['layers'].count('A')} attn) | " \
                f"{'on' if r.get('checkpointing') else 'off'} | {r.get('micro_batch')} | "
         est = r.get("memory_estimate_gib", {}).get("total")
@@ -392,10 +422,10 @@ def report_markdown(res: dict) -> str:
             lines.append(head + f"{r['error']} | | | | | {_fmt(est, '.1f')} | |")
             continue
         for name, v in r.get("variants", {}).items():
-            if "skipped" in v:
-                lines.append(head + f"{name}: skipped ({v['skipped']}) | | | | | | |")
+            if "skipped" in v or "error" in v:
+                lines.append(head + f"{name}: {v.get('error') or 'skipped, ' + v['skipped']} | | | | | | |")
                 continue
-            lines.append(head + f"{name} | {v['tokens_per_s']:,.0f} | {v['tflop_s']:.1f} | "
+            lines.append(head + f"{name} | {v['tokens_per_s']:,.0f} | {v['tflop_s']:.3g} | "
                          f"{_fmt(v['mfu'], '.1f', 100)}{'' if v['mfu'] is None else ' %'} | "
                          f"{_fmt(v['peak_gib'], '.2f')} | {_fmt(est, '.1f')} | {_fmt(v.get('gpu_busy'), '.0%')} |")
             if "profile" in v:
@@ -404,6 +434,8 @@ def report_markdown(res: dict) -> str:
                               f"in {v['profile']['launches']} launches: {g}")
     if groups:
         lines += ["", "Kernel time of one step by group:", *groups]
+    if notes:
+        lines += ["", "Micro-batch searches and memory estimates:", *notes]
     lines += ["", "MFU: model FLOPs (mmmamba.distill.train_cost.step_flops; recomputation not counted) x tokens/s "
               "over the peak. Kernels off: " + ", ".join(SWITCHES) + " and the SSD backward on 128-wide tiles."]
     return "\n".join(lines) + "\n"
