@@ -9,24 +9,9 @@ random-token batches of `--seq` tokens (no padding). Stage 3 uses the hybrid pla
 (mmmamba.distill.graphs). Each stage also prints the host time to issue a step against its wall time: equal
 means the step is bound by the host (Python and launches), not the GPU.
 
-FLOP formula (per token; model FLOPs, recomputation of checkpointed parts is NOT counted):
-  H hidden, I MLP width, V vocab, h / g query / KV heads, d head dim, L sequence, c SSD chunk, n = p = d.
-  matmul of a weight W (m x k): forward 2mk; backward 2mk for the input gradient (when something below
-  needs it) + 2mk for the weight gradient (when W trains).
-  P_att = H(hd) + 2 H(gd) + (hd) H     (q, k, v, o)       P_mlp = 3 H I
-  P_mix = H(hd) + 2 H(gd) + H(hd) + H h  (student q, k, v, g_proj, dt_proj; o is the teacher's in stages 1-2)
-  attention core (causal SDPA) forward 2 h d L   (QK^T and PV over L/2 keys on average)
-  SSD core forward h (c (n + p) + 4 n p)          (intra-chunk scores and mix, state read and update)
-  Stage 1/2 forward = sum over layers [2 P_att + attention core + 2 P_mlp]      (the teacher stream)
-                    + sum over Mamba-2 layers [2 P_mix + SSD core]             (the student mixers)
-           backward = sum over Mamba-2 layers [2 P_trainable_matmuls + 2 SSD core]  (weight grads of
-                      g_proj, dt_proj (+ q, k, v in stage 2); the mixer inputs need no gradient)
-  Stage 3  forward  = teacher: sum over layers [2 P_att + attn core + 2 P_mlp] + 2 H V
-                    + student: sum over layers [2 P_layer + core] + 2 H V    (P_layer: P_att or P_mix + o)
-           backward = input gradients of every matmul from the head down to the lowest trainable layer
-                      (2 P per matmul, 2 x core per mixer, 2 H V for the head) + weight gradients of the
-                      trainable matmuls (2 P each)
-  MFU = (forward + backward FLOPs per token) x tokens/s / peak bf16 FLOP/s (H100 SXM dense: 989 TFLOP/s).
+FLOPs per token: `mmmamba.distill.train_cost.step_flops` (its docstring states the model). MFU = FLOPs per token x
+tokens/s / peak bf16 FLOP/s (H100 SXM dense: 989 TFLOP/s). `mmmamba bench-train` measures the same at named dims
+(HoVLE-2.6B, SmolLM2) with the micro-batch search and the kernels on / off; this script takes a teacher folder.
 """
 
 from __future__ import annotations
@@ -35,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import time
 
 import torch
@@ -44,6 +28,7 @@ os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # as the CLI: fla's autot
 
 from mmmamba.distill.compile import compile_layers, compile_mixers
 from mmmamba.distill.graphs import GraphedSteps
+from mmmamba.distill.kernel_time import profile_kernels
 from mmmamba.distill.seed import seed_student
 from mmmamba.distill.stages import (
     EndToEndDistill,
@@ -52,89 +37,21 @@ from mmmamba.distill.stages import (
     enable_checkpointing,
     set_trainable,
 )
+from mmmamba.distill.train_cost import step_flops
 from mmmamba.models import ATTENTION
 from mmmamba.models.placement import parse_placement
 from mmmamba.teachers.hf import load_teacher
 
 
-def flops_per_token(cfg, stage: int, seq: int, trainable: set[str]) -> dict:
-    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    h, g, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    c = cfg.mamba_chunk_size
-    q, kv, o = H * h * d, H * g * d, h * d * H
-    p_att = q + 2 * kv + o
-    p_mlp = 3 * H * I
-    gate, dt = H * h * d, H * h
-    att_core = 2 * h * d * seq
-    ssd_core = h * (c * (2 * d) + 4 * d * d)
-    mix_params = {"q_proj": q, "k_proj": kv, "v_proj": kv, "g_proj": gate, "dt_proj": dt, "o_proj": o}
-    types = cfg.layer_types
-
-    def trained(i, part):
-        return any(n.startswith(f"model.layers.{i}.mixer.{part}.") for n in trainable)
-
-    fwd = bwd = 0
-    if stage in (1, 2):
-        for i, t in enumerate(types):
-            fwd += 2 * p_att + att_core + 2 * p_mlp
-            if t != ATTENTION:
-                fwd += 2 * (q + 2 * kv + gate + dt) + ssd_core
-                bwd += 2 * ssd_core + sum(2 * w for part, w in mix_params.items() if trained(i, part))
-        return {"forward": fwd, "backward": bwd}
-    # stage 3
-    fwd += len(types) * (2 * p_att + att_core + 2 * p_mlp) + 2 * H * V  # teacher
-    lowest = min(i for i, t in enumerate(types) if t != ATTENTION)
-    for i, t in enumerate(types):
-        layer_p = p_att if t == ATTENTION else q + 2 * kv + gate + dt + o
-        core = att_core if t == ATTENTION else ssd_core
-        fwd += 2 * layer_p + core + 2 * p_mlp
-        if i > lowest:  # input gradients through the whole layer
-            bwd += 2 * layer_p + 2 * core + 2 * p_mlp
-        elif i == lowest:  # above its mixer: the MLP and o_proj; the mixer itself: core + projections' inputs
-            bwd += 2 * p_mlp + 2 * o + 2 * core
-        if t != ATTENTION:
-            bwd += sum(2 * w for part, w in mix_params.items() if trained(i, part))
-    fwd += 2 * H * V
-    bwd += 2 * H * V
-    return {"forward": fwd, "backward": bwd}
-
-
-KERNEL_CLASSES = [  # (class, regex on the CUDA kernel name), first match wins
-    ("gemm", r"gemm|nvjet|xmma|cutlass|cublas|wgmma_tensorop"),
-    ("attention (SDPA)", r"sdpa|flash|fmha"),
-    ("SSD (fla)", r"chunk_|cumsum|simple_gla"),
-    ("softmax / KL", r"softmax"),
-    ("elementwise / copy / reduce", r"elementwise|copy|reduce|fill|catarray|index|conv_depthwise|triton_"),
-]
-
-
 def profile_step(step, n_top: int) -> dict:
-    """CUDA time per kernel name over one step, the n_top largest (printed too)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    agg = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            c, t = agg.get(ev.name, (0, 0.0))
-            agg[ev.name] = (c + 1, t + ev.device_time_total)
-    total = sum(t for _, t in agg.values())
-    rows = sorted(({"kernel": k[:100], "calls": c, "ms": t / 1e3} for k, (c, t) in agg.items()),
-                  key=lambda r: -r["ms"])
-    print(f"  one step: {total / 1e3:.1f} ms of kernels, {sum(c for c, _ in agg.values())} launches")
-    cats = {}
-    for name, (c, t) in agg.items():
-        cat = next((k for k, pat in KERNEL_CLASSES if re.search(pat, name, re.I)), "other")
-        n, ms = cats.get(cat, (0, 0.0))
-        cats[cat] = (n + c, ms + t / 1e3)
-    print("  by class: " + ", ".join(f"{k} {ms:.1f} ms ({100 * ms * 1e3 / total:.0f} %, {n} launches)"
-                                     for k, (n, ms) in sorted(cats.items(), key=lambda kv: -kv[1][1])))
-    for r in rows[:n_top]:
-        print(f"  {r['ms']:8.2f} ms  x{r['calls']:<5} {r['kernel']}")
-    return {"total_ms": total / 1e3, "classes": {k: {"launches": n, "ms": ms} for k, (n, ms) in cats.items()},
-            "top": rows[:n_top]}
+    """CUDA kernel time of one step by group (mmmamba.distill.kernel_time), the n_top largest kernels (printed too)."""
+    g = profile_kernels(step, n_top)
+    print(f"  one step: {g['total_ms']:.1f} ms of kernels, {g['launches']} launches")
+    print("  by group: " + ", ".join(f"{k} {x['ms']:.1f} ms ({100 * x['share']:.0f} %, {x['launches']} launches)"
+                                     for k, x in g["groups"].items()))
+    for r in g["top"]:
+        print(f"  {r['ms']:8.2f} ms  x{r['launches']:<5} {r['kernel'][:100]}")
+    return g
 
 
 def attribute_step(fn, n_top: int) -> list[dict]:
@@ -266,12 +183,13 @@ def run_stage(stage, student, teacher, args, device):
     _sync(device)
     dt = time.perf_counter() - t0
     tok_s = b * args.seq * args.steps / dt
-    f = flops_per_token(student.config, stage, args.seq, names)
-    total = f["forward"] + f["backward"]
+    f = step_flops(student.config, stage, args.seq, names)
+    f_fwd, f_bwd = sum(f["forward"].values()), sum(f["backward"].values())
+    total = f["total"]
     res = {
         "stage": stage, "micro_batch": b, "seq": args.seq, "tokens_per_s": tok_s,
-        "gflop_per_token": total / 1e9, "fwd_gflop_per_token": f["forward"] / 1e9,
-        "bwd_gflop_per_token": f["backward"] / 1e9, "tflop_s": total * tok_s / 1e12,
+        "gflop_per_token": total / 1e9, "fwd_gflop_per_token": f_fwd / 1e9,
+        "bwd_gflop_per_token": f_bwd / 1e9, "tflop_s": total * tok_s / 1e12,
         "mfu": total * tok_s / (args.peak_tflops * 1e12),
         "peak_mem_gib": (torch.cuda.max_memory_allocated() if cuda else float("nan")) / 2**30,
         "trainable_params": sum(p.numel() for p in params), "final_loss": float(loss.detach()),
