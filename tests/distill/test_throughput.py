@@ -128,3 +128,10 @@ def test_report_of_a_gpu_run():
     assert "| hovle-2.6b | 3 | 32 (0 attn) | off | 9 | on | 300,000 | 120 | 12.1 % | 61.50 | 70.1 | 90% |" in md
     assert "off: out of memory while timing" in md and "off: skipped, time budget (3 s left)" in md
     assert "gemm 60.0 ms (60%)" in md and "16 OOM, 12 OOM, 10 OOM, 9 fits -> 9" in md
+
+
+def test_spent_budget_skips_stages(tmp_path):
+    res = run_train_bench(TrainBenchOptions(dims=["tiny"], stages=[1, 2], budget_s=0, device="cpu",
+                                            out=str(tmp_path)), log=lambda m: None)
+    assert [r["skipped"].startswith("time budget") for r in res["runs"]] == [True, True]
+    assert "| tiny | 2 | skipped: time budget" in (tmp_path / "report.md").read_text()

@@ -41,6 +41,7 @@ from .seed import seed_student
 from .stages import EndToEndDistill, LayerwiseDistill, apply_placement, set_checkpointing, set_trainable
 from .train_cost import memory_estimate, parameter_counts, step_flops
 
+MIN_STAGE_S = 15.0  # a stage is not started with less of the time budget left
 # dense bf16 peak TFLOP/s by card name (first match): the H100 SXM and H200 share the same tensor cores
 PEAK_BF16 = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
 
@@ -379,17 +380,24 @@ def _run_train_bench(opts: TrainBenchOptions, log: Callable[[str], None]) -> dic
         teacher, students = _build(d, opts, device, log)
         on_device = None
         for stage in opts.stages:
+            run = {"dims": d, "stage": stage, "placement": opts.placement if stage == 3 else "none"}
+            if budget.left() < MIN_STAGE_S:
+                out["runs"].append({**run, "skipped": f"time budget ({budget.left():.0f} s left)"})
+                log(f"stage {stage}: skipped, time budget spent")
+                write_results(out, Path(opts.out))
+                continue
             student = students[stage]
             if on_device is not None and on_device is not student:
                 on_device.to("cpu")
             on_device = student.to(device, torch.float32)
             _free(device)
             left = len(todo) - len(out["runs"])
+            t0 = time.perf_counter()
             try:
                 r = run_stage(stage, student, teacher, opts, device, budget, left, peak, log)
             finally:
                 set_kernels_off(())
-            out["runs"].append({"dims": d, "placement": opts.placement if stage == 3 else "none", **r})
+            out["runs"].append({**run, **r, "wall_s": time.perf_counter() - t0})
             write_results(out, Path(opts.out))
         del teacher, students, on_device
         _free(device)
@@ -425,6 +433,9 @@ def report_markdown(res: dict) -> str:
         if est:
             notes.append(f"- {r['dims']} stage {r['stage']} memory estimate (GiB): "
                          + ", ".join(f"{k} {v:.2f}" for k, v in est.items()))
+        if "skipped" in r:
+            lines.append(f"| {r['dims']} | {r['stage']} | skipped: {r['skipped']} | | | | | | | | | |")
+            continue
         head = f"| {r['dims']} | {r['stage']} | {len(r['layers'])} ({r['layers'].count('A')} attn) | " \
                f"{'on' if r.get('checkpointing') else 'off'} | {r.get('micro_batch')} | "
         est = r.get("memory_estimate_gib", {}).get("total")
