@@ -7,7 +7,7 @@
 #
 # TOTAL_S (default 520) bounds the whole script; the HoVLE part gets ~60 % of what is left after setup. Writes
 # $OUT/train-mfu.tar.gz (train-mfu/: gpus.txt, versions.txt, {hovle,smollm2}.log, {hovle,smollm2}/{results.json,
-# report.md}) and $OUT/summary.md (both reports). A fresh machine spends minutes in fla's first-use autotuning; the
+# report.md}, and tests.log: the kernels' GPU-only tests when time is left) and $OUT/summary.md (both reports). A fresh machine spends minutes in fla's first-use autotuning; the
 # Triton cache is kept in build/triton-cache (an ignored path, kept between calls on a warm machine), so a second
 # call on the same machine measures more within the same budget.
 # Env: DIMS (default "hovle-2.6b smollm2"), SMOL_ARGS (default "--cuda-graph --max-micro-batch 32": SmolLM2's step
@@ -59,6 +59,14 @@ for name in $DIMS; do
   n=$(( n - 1 ))
 done
 
+left=$(( TOTAL_S - $(elapsed) - 20 ))
+if [ "$left" -gt 60 ]; then  # the GPU-only tests of the kernels measured above, in what time is left
+  echo "== [$(elapsed) s] GPU tests of the training kernels ($left s) =="
+  timeout "$left" python3 -m pytest -q -rA -k "on_the_gpu or graphed_steps" tests/ops/test_gated_norm.py \
+    tests/ops/test_add_norm.py tests/ops/test_swiglu.py tests/ops/test_gla_prep.py tests/distill/test_graphs.py \
+    2>&1 | tail -30 > "$D/tests.log"
+  tail -3 "$D/tests.log"
+fi
 cat "$D"/*/report.md > "$OUT/summary.md" 2>/dev/null
 tar -czf "$OUT/train-mfu.tar.gz" -C "$OUT" train-mfu && rm -rf "$D"
 echo "== [$(elapsed) s] done: $OUT/train-mfu.tar.gz, $OUT/summary.md =="
