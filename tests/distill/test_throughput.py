@@ -77,7 +77,7 @@ def test_cpu_run_writes_results(tmp_path):
     assert [r["stage"] for r in saved["runs"]] == [1, 3]
     for r in saved["runs"]:
         assert r["micro_batch"] == 2 and r["layers"] == "MMMM"
-        for name in ("on", "off"):
+        for name in ("on", "off", "on again"):
             v = r["variants"][name]
             assert v["tokens_per_s"] > 0 and v["mfu"] is None and v["loss"] == v["loss"]  # finite, no MFU on a CPU
             assert v["tflop_s"] == pytest.approx(r["flops_per_token"]["total"] * v["tokens_per_s"] / 1e12)

@@ -9,8 +9,9 @@ master weights, bf16 autocast and a bf16 teacher on CUDA (fp32 on the CPU), grad
 2. `warmup` steps, then `steps` timed steps: tokens/s, model TFLOP/s (`train_cost.step_flops`), MFU against the
    card's dense bf16 peak, peak memory beside the estimate of `train_cost.memory_estimate`;
 3. the same with the newer training kernels off (`ops.checked.SWITCHES`, and the SSD backward on 128-wide tiles
-   where the 32-wide ones had been chosen), in the same process at the same micro-batch;
-4. one profiled step of each: CUDA kernel time by group (`kernel_time`).
+   where the 32-wide ones had been chosen), in the same process at the same micro-batch, then with them on again
+   (how far two runs of one step differ: the noise of the comparison);
+4. one profiled step with the kernels on and one with them off: CUDA kernel time by group (`kernel_time`).
 A time budget skips what would not fit (said in the results). Writes results.json (after every stage) and
 report.md into `out`.
 """
@@ -256,8 +257,9 @@ def _throughput(t: dict, tokens_per_step: int, flops_per_token: float, peak_tflo
 
 
 def measure_variant(sb: StageBench, b: int, off: bool, share_end: float, n_variants: int, flops_per_token: float,
-                    peak: float | None) -> dict:
-    """Time (and, within the budget, profile) sb's step at micro-batch b with the newer kernels on or off."""
+                    peak: float | None, profile: bool = True) -> dict:
+    """Time (and, with `profile` and within the budget, profile) sb's step at micro-batch b with the newer kernels
+    on or off."""
     opts, device = sb.opts, sb.device
     cuda = device.type == "cuda"
     kernels = kernel_variant(sb.student, sb.stage, device, off=off)
@@ -265,7 +267,7 @@ def measure_variant(sb: StageBench, b: int, off: bool, share_end: float, n_varia
     t = time_steps(step, device, max(opts.warmup, 3 if opts.cuda_graph and cuda else 0), opts.steps,
                    Budget(max(share_end - time.monotonic(), 0.0)), reserve_s=10.0 * n_variants)
     v = {**_throughput(t, b * opts.seq, flops_per_token, peak), "kernels": kernels}
-    if opts.profile and cuda and share_end - time.monotonic() > 3 * v["step_s"] + 2:
+    if profile and opts.profile and cuda and share_end - time.monotonic() > 3 * v["step_s"] + 2:
         v["profile"] = profile_kernels(step, opts.top)
         v["gpu_busy"] = v["profile"]["total_ms"] / 1e3 / v["step_s"]
     return v
@@ -306,7 +308,8 @@ def run_stage(stage: int, student, teacher, opts: TrainBenchOptions, device: tor
         return res
     log(f"stage {stage}: micro-batch {b} x {opts.seq}, checkpointing {'on' if sb.checkpointing else 'off'}; "
         "estimated memory (GiB) " + ", ".join(f"{k} {v:.2f}" for k, v in res["memory_estimate_gib"].items()))
-    variants = [("on", False)] + ([("off", True)] if opts.kernels_ab else [])
+    # on, off, on again: the repeat says how far two runs of one step differ here (the noise of the comparison)
+    variants = [("on", False)] + ([("off", True), ("on again", False)] if opts.kernels_ab else [])
     res["variants"] = {}
     step_s = 0.0
     for name, off in variants:
@@ -315,7 +318,7 @@ def run_stage(stage: int, student, teacher, opts: TrainBenchOptions, device: tor
             res["variants"][name] = {"skipped": f"time budget ({left:.0f} s left for this stage)"}
             continue
         try:
-            v = measure_variant(sb, b, off, share_end, len(variants), flops["total"], peak)
+            v = measure_variant(sb, b, off, share_end, len(variants), flops["total"], peak, profile=name != "on again")
         except Exception as e:
             if not is_oom(e):
                 raise
