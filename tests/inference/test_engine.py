@@ -190,6 +190,8 @@ def test_static_cache_shapes_and_snapshot(make_config):
     assert c.host_length == 10 and int(c.length) == 10 and bool(c.key_valid[:, :10].all())
     assert not bool(c.key_valid[:, 10:].any())
     snap = c.snapshot_state()
+    assert all(t is None or (t.device.type == "cpu" and t.data_ptr() != c.ssm[i].data_ptr())
+               for i, t in enumerate(snap["ssm"]))  # host copies: a device copy would double the peak at large batch
     s0 = c.ssm[1].clone()
     c.ssm[1].add_(1.0)
     c.length.add_(3)

@@ -278,8 +278,8 @@ def _md_batch_max(res: dict, gpu: bool) -> list[str]:
             "limit.")
     if gpu:
         top = res["meta"].get("options", {}).get("batch_triton_max")
-        note += (" The engine's warm-up before the CUDA-graph capture copies the recurrent state once (to undo "
-                 "the warm-up step), so expect a linear model to fit about half its estimate; peak = "
+        note += (" The engine's warm-up snapshot of the recurrent state (to undo the warm-up step) lives in host "
+                 "memory, so it does not count against the card; peak = "
                  f"`max_memory_allocated` while decoding at that batch. Batches above {top} decode with the torch "
                  "step (cuBLAS GEMMs).")
     else:

@@ -84,10 +84,15 @@ class StaticCache:
 
     def snapshot_state(self) -> dict:
         """Copies of everything a decode step mutates except KV slots beyond `host_length` (which a later step
-        overwrites before reading). Used to undo warm-up steps before a CUDA graph capture."""
+        overwrites before reading). Used to undo warm-up steps before a CUDA graph capture. The recurrent states go
+        to host memory: a device copy would double a linear model's largest state, and with it its peak memory
+        at large batch (it is taken once per warm-up or capture, so the transfer does not matter)."""
+        def host(t):
+            return None if t is None else t.to("cpu", copy=True)
+
         return {
-            "conv": [None if c is None else c.clone() for c in self.conv],
-            "ssm": [None if s is None else s.clone() for s in self.ssm],
+            "conv": [host(c) for c in self.conv],
+            "ssm": [host(s) for s in self.ssm],
             "length": self.length.clone(), "pos": self.pos.clone(), "host_length": self.host_length,
         }
 
