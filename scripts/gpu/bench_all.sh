@@ -14,16 +14,7 @@ START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee "$OUT/gpu.txt"
-python - <<'EOF' 2>&1 | tee "$OUT/versions.txt"
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
-for m in ("triton", "transformers", "fla", "mamba_ssm", "mmmamba"):
-    try:
-        mod = importlib.import_module(m)
-        print(m, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
-    except Exception as e:
-        print(m, "NOT IMPORTABLE:", type(e).__name__, str(e)[:200])
-EOF
+python scripts/gpu/versions.py triton transformers fla mamba_ssm mmmamba 2>&1 | tee "$OUT/versions.txt"
 
 echo "== [$(elapsed) s] check_decode (fp32 identical greedy tokens, bf16 logits) =="
 timeout 170 python scripts/gpu/check_decode.py --out "$OUT" --steps 256 2>&1 | tee "$OUT/check_decode.log"

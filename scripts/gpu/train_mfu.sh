@@ -24,16 +24,7 @@ mkdir -p "$TRITON_CACHE_DIR"
 D="$OUT/train-mfu"
 mkdir -p "$D"
 nvidia-smi --query-gpu=name,uuid,memory.total,clocks.max.sm,power.limit --format=csv > "$D/gpus.txt" 2>&1
-python3 - > "$D/versions.txt" 2>&1 <<'EOF'
-import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
-for m in ("triton", "transformers", "fla", "mmmamba"):
-    try:
-        mod = importlib.import_module(m)
-        print(m, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
-    except Exception as e:
-        print(m, "NOT IMPORTABLE:", type(e).__name__, str(e)[:200])
-EOF
+python3 scripts/gpu/versions.py triton transformers fla mmmamba > "$D/versions.txt" 2>&1
 cat "$D/gpus.txt" "$D/versions.txt"
 
 run_dims() {  # run_dims NAME FOLDER BUDGET_S EXTRA_ARGS...

@@ -41,23 +41,23 @@ def make_config(dims: dict, variant: str, placement: str | None = None, vision: 
 
 
 @torch.no_grad()
-def build_ours(config: MMMambaConfig, device, dtype: torch.dtype, seed: int = 0):
-    """Random-weight MMMambaForCausalLM built directly on `device` (fp32 init, then cast)."""
+def _random(cls, config: MMMambaConfig, device, dtype: torch.dtype, seed: int):
     torch.manual_seed(seed)
     with torch.device(device):
-        model = MMMambaForCausalLM(config)
-    return model.to(dtype).eval().requires_grad_(False)
+        module = cls(config)
+    return module.to(dtype).eval().requires_grad_(False)
 
 
-@torch.no_grad()
+def build_ours(config: MMMambaConfig, device, dtype: torch.dtype, seed: int = 0):
+    """Random-weight MMMambaForCausalLM built directly on `device` (fp32 init, then cast)."""
+    return _random(MMMambaForCausalLM, config, device, dtype, seed)
+
+
 def build_vision_front(config: MMMambaConfig, device, dtype: torch.dtype, seed: int = 0):
     """A random-weight `VisionFront` of `config` on its own, for a decoder that has none (transformers' Llama)."""
     from ..models.vision import VisionFront
 
-    torch.manual_seed(seed)
-    with torch.device(device):
-        front = VisionFront(config)
-    return front.to(dtype).eval().requires_grad_(False)
+    return _random(VisionFront, config, device, dtype, seed)
 
 
 def llama_config(dims: dict):
