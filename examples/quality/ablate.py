@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # text_study's parser and budget (a script folder, not a package)
 STAGE_ROWS = ["none", "S1", "S2", "S3", "S1+S2", "S1+S3", "S2+S3"]  # S1+S2+S3 is the main linear run
 INIT_ROWS = ["scratch", "inherit"]  # mimic is the main linear run
 COUNT_ROWS = [1, 2, 4]  # 0 = linear, 8 = every:4 = the main hybrid run, all = the teacher
@@ -59,6 +60,19 @@ def rows(table: int, steps: list[int], layers: int) -> dict[str, list[str]]:
     raise SystemExit(f"--table {table}: one of 3, 4, 5, 6")
 
 
+def resolve_steps(top: list[str], student: list[str]) -> tuple[list[str], list[int]]:
+    """The main runs' steps per stage, as text_study.py would choose them (`--steps`, or `--budget-from` a warm-up
+    JSON), fixed once for every row: the student arguments with `--budget-from` replaced by explicit `--steps`."""
+    from text_study import budget_steps, build_parser
+
+    a = build_parser().parse_args([*top, "--out", "-", "student", "--name", "-", *student])
+    if a.budget_from:
+        a.steps = budget_steps(a.budget_from, a.stage_seconds, a.batch * a.seq_len)
+        i = student.index("--budget-from")
+        student = student[:i] + student[i + 2:] + ["--steps", a.steps]
+    return student, [int(x) for x in a.steps.split(",")]
+
+
 def split_passthrough(args: list[str]) -> tuple[list[str], list[str]]:
     """text_study.py's global options and the `student` options, from the arguments after `--`."""
     if "student" not in args:
@@ -77,9 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", help="comma list of row names to run")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     top, student = split_passthrough(passthrough)
-    steps = [30, 30, 20]
-    if "--steps" in student:
-        steps = [int(x) for x in student[student.index("--steps") + 1].split(",")]
+    student, steps = resolve_steps(top, student)
     raw = Path(args.raw)
     raw.mkdir(parents=True, exist_ok=True)
     for table in args.table:
