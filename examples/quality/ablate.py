@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -89,11 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--raw", default="docs/results/quality/raw", help="where the JSONs go")
     p.add_argument("--layers", type=int, default=30, help="the teacher's layer count (SmolLM2-135M: 30)")
     p.add_argument("--only", help="comma list of row names to run")
+    p.add_argument("--time-limit", type=float, help="seconds: start no row after this (a GPU call's limit)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     top, student = split_passthrough(passthrough)
     student, steps = resolve_steps(top, student)
     raw = Path(args.raw)
     raw.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     for table in args.table:
         for name, extra in rows(table, steps, args.layers).items():
             if args.only and name not in args.only.split(","):
@@ -101,6 +104,10 @@ def main(argv=None) -> int:
             out = raw / f"ablation_t{table}_{name}.json"
             if out.exists():
                 print(f"[ablate] {out} exists: skipped", flush=True)
+                continue
+            if args.time_limit is not None and time.time() - t0 > args.time_limit:
+                print(f"[ablate] time limit ({args.time_limit:.0f} s) reached: table {table} row {name} not run",
+                      flush=True)
                 continue
             # the row's own --steps / --placement come last and win over the pass-through ones
             cmd = [sys.executable, str(HERE / "text_study.py"), *top, "--out", str(out), "student",

@@ -9,6 +9,7 @@
 #   there: bash examples/quality/gpu.sh half1              carry .carry/p1 .whl .carry/smolcfg
 #          bash examples/quality/gpu.sh text               carry .carry/p2 .carry/study/text
 #          bash examples/quality/gpu.sh vlm                carry .carry/study/vlm .carry/whlvlm
+#          bash examples/quality/gpu.sh ablate             (after text; repeat: rows resume, ~1.5-3 min each)
 # Settings pass through SAMPLE_ARGS, STUDENT_ARGS, TEACHER_ARGS, VLM_ARGS, WARMUP_ARGS and STUDENTS.
 # Each step writes its JSON (and log) under $OUT; examples/quality/report.py turns them into docs/results/quality/.
 set -uo pipefail
@@ -65,6 +66,14 @@ case "$STEP" in
       python3 examples/quality/vlm_study.py --out "$OUT/vlm_$name.json" --no-progress ${VLM_ARGS:-} student \
         --name $name --placement $p $share ${STUDENT_ARGS:-} 2>&1 | tee "$OUT/vlm_$name.log"
     done
+    ;;
+  ablate)  # after `text` on the same machine: the paper's ablations on the text model (rows resume; tarred)
+    install_wheels
+    mkdir -p "$KEEP/abl"
+    timeout 560 python3 examples/quality/ablate.py ${ABL_TABLES:---table 6 --table 5 --table 4 --table 3} \
+      --raw "$KEEP/abl" --time-limit ${ABL_SECONDS:-420} -- student ${STUDENT_ARGS:---budget-from $KEEP/warmup.json} \
+      2>&1 | tee "$OUT/ablate.log"
+    tar czf "$OUT/ablations.tgz" -C "$KEEP" abl
     ;;
   *) echo "unknown step $STEP"; exit 2 ;;
 esac
