@@ -110,10 +110,13 @@ def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str =
     if stages12_from is not None:
         raw["stages"][3] = {**raw["stages"][3], "input": str(Path(stages12_from) / "stage2"), "input_stage": 2}
         run_stages = (3,)
-    elif 1 not in run_stages:
-        seed = seed_folder(teacher, out_dir / "seed", init, seed, student=student)
-        for prev, k in zip(["seed", *run_stages], run_stages):
-            src = seed if prev == "seed" else out_dir / f"stage{prev}"
+    else:  # a stage subset: each stage after a gap starts from the seed or the last stage run
+        first = ["seed"] if 1 not in run_stages else []
+        for prev, k in zip(first + list(run_stages), run_stages[1 - len(first):]):
+            if prev == "seed":
+                src = seed_folder(teacher, out_dir / "seed", init, seed, student=student)
+            else:
+                src = out_dir / f"stage{prev}"
             if prev == "seed" or k != prev + 1:
                 raw["stages"][k] = {**raw["stages"][k], "input": str(src), "input_stage": prev}
     recipe = parse_recipe(raw, source="examples/quality")

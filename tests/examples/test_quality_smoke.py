@@ -86,8 +86,8 @@ def test_text_study_phases_and_report(study, tmp_path):
     # the ablation driver: stage subsets (seeding only; stages 2+3 from the seed) and placements on shared stages 1-2
     passthrough = ["--", *common, "student", "--steps", "2,2,2", "--batch", "2", "--micro-batch", "2", "--seq-len",
                    "32"]
-    _run("ablate.py", ["--table", "3", "--only", "none,S2+S3", "--layers", "4", "--raw", str(tmp_path), *passthrough],
-         data)
+    _run("ablate.py", ["--table", "3", "--only", "none,S1+S3,S2+S3", "--layers", "4", "--raw", str(tmp_path),
+                       *passthrough], data)
     _run("ablate.py", ["--table", "6", "--only", "tail-interleaved,auto", "--layers", "4", "--raw", str(tmp_path),
                        *passthrough], data)
     seed_only = json.loads((tmp_path / "ablation_t3_none.json").read_text())
@@ -95,6 +95,7 @@ def test_text_study_phases_and_report(study, tmp_path):
     assert seed_only["stages_run"] == [] and seed_only["tokens_seen"] == 0
     assert s23["stages_run"] == [2, 3] and s23["distill"]["stages"]["2"]["steps"] == 3  # 6 steps over 2 stages
     assert s23["mamba_layers"] == 4 and s23["distill"]["stages"]["3"]["seconds"] > 0
+    assert json.loads((tmp_path / "ablation_t3_S1+S3.json").read_text())["stages_run"] == [1, 3]
     auto = json.loads((tmp_path / "ablation_t6_auto.json").read_text())
     assert len(auto["attention_layers"]) == 1 and auto["distill"]["stages"]["1"]["shared"]
     assert json.loads((tmp_path / "ablation_t6_tail-interleaved.json").read_text())["attention_layers"] == [3]
