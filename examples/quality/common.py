@@ -148,19 +148,16 @@ def seed_folder(teacher: str, out: Path, init: str, seed: int, *, student: str |
         return Path(student)
     from transformers import AutoTokenizer
 
-    from mmmamba.distill.manifest import make_manifest, read_manifest, teacher_identity
-    from mmmamba.distill.seed import seed_student
-    from mmmamba.io import save_model
+    from mmmamba.distill.manifest import read_manifest, teacher_identity
+    from mmmamba.distill.seed import save_seed, seed_student
     from mmmamba.teachers.hf import load_teacher, resolve_teacher
 
     if out.is_dir() and (read_manifest(out) or {}).get("init") == init:
         return out
     path = resolve_teacher(teacher)
     model = seed_student(load_teacher(path).eval(), None, mode=init, seed=seed)
-    man = make_manifest("seed", teacher_identity(path, spec=str(teacher)), model.config.layer_types, init=init,
-                        seed=seed)
-    save_model(model, out, AutoTokenizer.from_pretrained(path), {"mmmamba_manifest.json": json.dumps(man, indent=2)
-                                                                + "\n"})
+    save_seed(model, out, teacher_identity(path, spec=str(teacher)), AutoTokenizer.from_pretrained(path), init=init,
+              seed=seed)
     return out
 
 

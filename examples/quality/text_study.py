@@ -202,9 +202,8 @@ def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
     from transformers import AutoTokenizer
 
     from mmmamba.distill.gate_calibration import calibrate_gates, capture_attention
-    from mmmamba.distill.manifest import make_manifest, teacher_identity
-    from mmmamba.distill.seed import seed_student
-    from mmmamba.io import save_model
+    from mmmamba.distill.manifest import teacher_identity
+    from mmmamba.distill.seed import save_seed, seed_student
     from mmmamba.teachers.hf import load_teacher, resolve_teacher
 
     path = resolve_teacher(args.teacher)
@@ -214,11 +213,9 @@ def calibrated_seed(args, work: Path, mix: np.ndarray, device: str) -> str:
     layers = calibrate_gates(student, capture_attention(teacher, [ids[i:i + 1] for i in range(4)]),
                              keep_random=args.init == "calibrated+random")
     out = work / f"{args.name}-seed"
-    man = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
-                        init=f"mimic+{args.init}-gate", seed=args.seed, calibrated_layers=layers,
-                        calibration_tokens=int(ids.numel()))
-    save_model(student.cpu(), out, AutoTokenizer.from_pretrained(path),
-               {"mmmamba_manifest.json": json.dumps(man, indent=2) + "\n"})
+    save_seed(student.cpu(), out, teacher_identity(path, spec=str(args.teacher)), AutoTokenizer.from_pretrained(path),
+              init=f"mimic+{args.init}-gate", seed=args.seed, calibrated_layers=layers,
+              calibration_tokens=int(ids.numel()))
     return str(out)
 
 

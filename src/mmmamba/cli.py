@@ -58,8 +58,8 @@ def _load_tokenizer(path):
 
 
 def cmd_seed(args) -> int:
-    from .distill.seed import seed_student
-    from .io import check_output_folder, save_model
+    from .distill.seed import save_seed, seed_student
+    from .io import check_output_folder
     from .teachers.hf import load_teacher, resolve_teacher
 
     if args.attention_layers and args.placement:
@@ -68,16 +68,15 @@ def cmd_seed(args) -> int:
     path = resolve_teacher(args.teacher)
     teacher = load_teacher(path)
     student = seed_student(teacher, args.attention_layers or args.placement, mode=args.init, seed=args.seed)
-    from .distill.manifest import make_manifest, manifest_files, teacher_identity
+    from .distill.manifest import teacher_identity
 
-    manifest = make_manifest("seed", teacher_identity(path, spec=str(args.teacher)), student.config.layer_types,
-                             init=args.init, seed=args.seed)
     tokenizer = _load_tokenizer(path)
     if tokenizer is None:
         print(f"WARNING: teacher {path} has no tokenizer files (tokenizer.json / tokenizer_config.json), so the "
               f"student in {args.out} gets none; `distill` and `generate` need one: save the teacher's tokenizer "
               "into both folders (AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(FOLDER))", file=sys.stderr)
-    save_model(student, args.out, tokenizer, manifest_files(manifest, args.out), overwrite=args.overwrite)
+    save_seed(student, args.out, teacher_identity(path, spec=str(args.teacher)), tokenizer, overwrite=args.overwrite,
+              init=args.init, seed=args.seed)
     n_attn = len(student.config.attention_layers)
     print(f"seeded {args.out}: {len(student.config.mamba_layers)} Mamba-2 + {n_attn} attention layers "
           f"(attention at {student.config.attention_layers})")

@@ -6,9 +6,11 @@ import copy
 
 import torch
 
+from ..io import save_model
 from ..layers.mamba2 import Mamba2Mixer
 from ..models import ATTENTION, MAMBA2, MMMambaConfig, MMMambaForCausalLM
 from ..models.placement import layer_types_for, parse_placement
+from .manifest import make_manifest, manifest_files
 
 
 def seed_student(
@@ -42,3 +44,11 @@ def seed_student(
             mixer.init_from_attention(teacher.model.layers[i].mixer, mode=mode, generator=gen)
     student.generation_config = copy.deepcopy(teacher.generation_config)
     return student
+
+
+def save_seed(student: MMMambaForCausalLM, folder, tid: dict, tokenizer, *, overwrite: bool = False,
+              **manifest) -> None:
+    """Save a seeded student with its "seed" manifest and model card, as stage 1 and `mmmamba seed` write it
+    (`manifest`: init, seed, recipe, ... as `make_manifest` takes them)."""
+    man = make_manifest("seed", tid, student.config.layer_types, **manifest)
+    save_model(student, folder, tokenizer, manifest_files(man, folder), overwrite=overwrite)

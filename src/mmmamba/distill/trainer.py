@@ -51,7 +51,6 @@ from .manifest import (
     chain_after,
     check_input,
     make_manifest,
-    manifest_files,
     read_manifest,
     teacher_identity,
     write_manifest,
@@ -687,8 +686,7 @@ class StageRunner:
 
     def _seed(self, teacher, tid, tokenizer) -> Path:
         """Stage 1 without an explicit student: seed one from the teacher (all layers Mamba-2, PAPER §4.5)."""
-        from ..io import save_model
-        from .seed import seed_student
+        from .seed import save_seed, seed_student
 
         path = self.out / "seed"
         m = read_manifest(path) if path.is_dir() else None
@@ -702,9 +700,8 @@ class StageRunner:
             return path
         if self.acc.is_main_process:
             student = seed_student(teacher, None, mode=self.recipe.init, seed=self.recipe.seed)
-            man = make_manifest("seed", tid, student.config.layer_types, recipe=self.recipe.to_dict(),
-                                init=self.recipe.init, seed=self.recipe.seed)
-            save_model(student, path, tokenizer, manifest_files(man, path))
+            save_seed(student, path, tid, tokenizer, recipe=self.recipe.to_dict(), init=self.recipe.init,
+                      seed=self.recipe.seed)
             self.log(f"seeded student ({self.recipe.init}) -> {path}")
         self.acc.wait_for_everyone()
         return path
