@@ -328,6 +328,53 @@ def plot_ablations(tables: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def budget_section(raw: Path, out: Path) -> list[str]:
+    """Runs that differ only in budget (`text_<family>-x<N>.json` beside `text_<family>.json`): quality vs tokens."""
+    t = load(raw, "text_teacher")
+    families: dict[str, list[dict]] = {}
+    for p in sorted(raw.glob("text_*.json")):
+        name = p.stem[len("text_"):]
+        family, _, mult = name.rpartition("-x")
+        if name == "teacher" or not (family and mult.isdigit()):
+            family = name
+        if family != "teacher":
+            families.setdefault(family, []).append({"name": name, **summary(json.loads(p.read_text()), t)})
+    families = {f: sorted(v, key=lambda r: r["tokens"] or 0) for f, v in families.items() if len(v) > 1}
+    lines = ["## 5. Budget: quality against training tokens", ""]
+    if t is None or not families:
+        return lines + ["Not run yet.", ""]
+    lines += ["The same student at several token budgets (stages 1 / 2 / 3 scaled together; names ending in -x*N* "
+              "ran *N* times section 1's steps). Ratio, top-1 and KL as in section 4.", "",
+              "| run | tokens | ppl ratio | top-1 | KL | wall s |", "|---|---|---|---|---|---|"]
+    for rows in families.values():
+        lines += [f"| {r['name']} | {fmt(r['tokens'], 0)} | {fmt(r['ratio'])}× | {fmt(r['top1'], 3)} | "
+                  f"{fmt(r['kl'], 3)} | {fmt(r['seconds'], 0)} |" for r in rows]
+    plot_budget(families, out / "budget.png")
+    return lines + ["", "![mean KL and perplexity ratio against training tokens](budget.png)", ""]
+
+
+def plot_budget(families: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for family, rows in families.items():
+        x = [r["tokens"] for r in rows]
+        axes[0].plot(x, [r["kl"] for r in rows], "o-", label=family)
+        axes[1].plot(x, [r["ratio"] for r in rows], "o-", label=family)
+    for ax, label in zip(axes, ("mean KL to teacher", "perplexity ratio to teacher (geo-mean)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens (all stages)")
+        ax.set_ylabel(label)
+        ax.legend()
+    axes[1].set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--raw", default="docs/results/quality/raw")
@@ -341,7 +388,8 @@ def main(argv=None) -> int:
             "date, commit and command). Reproduce: `examples/quality/README.md`.", ""]
     if args.note:
         head += [args.note, ""]
-    body = text_section(raw, out) + vlm_section(raw, out) + gate_section(raw) + ablation_section(raw, out)
+    body = (text_section(raw, out) + vlm_section(raw, out) + gate_section(raw) + ablation_section(raw, out)
+            + budget_section(raw, out))
     (out / "README.md").write_text("\n".join(head + body) + "\n")
     print(f"wrote {out / 'README.md'}")
     return 0
