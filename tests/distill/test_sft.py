@@ -41,3 +41,23 @@ def test_time_budget_shortens_the_run(tiny_teacher):
     batch = _batch(tiny_teacher)
     log = train_sft(tiny_teacher, [batch], 1000, log_every=5, progress=False, time_budget_s=1e-6, probe_steps=5)
     assert log[-1]["step"] == 6  # the probe, then one more step: the budget was spent
+
+
+def test_time_budget_uses_the_steady_step_time(tiny_teacher, monkeypatch):
+    """Slow first steps (workers starting, compiling) must not shrink the run: the rate comes from the probe's second
+    half and only the budget left after the probe is divided by it."""
+    import mmmamba.distill.sft as sft
+
+    clock = {"t": 0.0, "n": 0}
+    monkeypatch.setattr(sft.time, "time", lambda: clock["t"])
+    batch = _batch(tiny_teacher)
+
+    class Timed:
+        def __iter__(self):
+            while True:
+                clock["t"] += 1.0 if clock["n"] < 5 else 0.1  # five slow steps, then 0.1 s a step
+                clock["n"] += 1
+                yield batch
+
+    log = train_sft(tiny_teacher, Timed(), 1000, log_every=5, progress=False, time_budget_s=10.0, probe_steps=10)
+    assert log[-1]["step"] == 10 + round((10.0 - 5.5) / 0.1)  # not 10 / 0.55 = 18 steps

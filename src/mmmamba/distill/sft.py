@@ -43,8 +43,8 @@ def train_sft(model, batches: Iterable[dict], steps: int, *, lr: float = 1e-4, n
               time_budget_s: float | None = None, probe_steps: int = 30) -> list[dict]:
     """Train `model` in place for `steps` micro-batches of `batches` (re-iterated as needed); returns the log.
 
-    `time_budget_s`: after `probe_steps` steps the step time is measured and the run shortened (never lengthened)
-    to fit the budget; the cosine decay then ends at the new last step."""
+    `time_budget_s`: after `probe_steps` steps the steady step time (of the probe's second half) is measured and
+    the run shortened (never lengthened) to fit the budget; the cosine decay then ends at the new last step."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -59,9 +59,14 @@ def train_sft(model, batches: Iterable[dict], steps: int, *, lr: float = 1e-4, n
     for step in bar:
         if step >= steps:
             break
+        if step == probe_steps // 2:
+            t_mid = time.time()
         if time_budget_s is not None and step == probe_steps:
-            per_step = (time.time() - t0) / probe_steps
-            steps = min(steps, max(probe_steps + 1, int(time_budget_s / per_step)))
+            # the steady rate from the probe's second half (the first steps also start workers and compile), and
+            # the budget left after the probe: the old whole-probe average gave 60 s of training for 100 s asked
+            now = time.time()
+            per_step = max((now - t_mid) / max(probe_steps - probe_steps // 2, 1), 1e-9)
+            steps = min(steps, max(probe_steps + 1, probe_steps + int((time_budget_s - (now - t0)) / per_step)))
             bar.total = steps
         try:
             batch = next(it)
