@@ -41,9 +41,11 @@ case "$STEP" in
     nvidia-smi --query-gpu=name,uuid,memory.total --format=csv | tee "$OUT/gpu.txt"
     python3 -c "import torch, triton, transformers, fla; print(torch.__version__, triton.__version__, transformers.__version__, fla.__version__)"
     python3 scripts/gpu/make_random_teacher.py .carry/smolcfg /tmp/random_smollm2
-    python3 examples/quality/text_study.py --teacher /tmp/random_smollm2 --out "$OUT/warmup.json" warmup \
+    # straight into $KEEP, where the next call needs it: once the call's limit struck between writing it to $OUT
+    # and copying it, and the text students silently ran their default steps
+    python3 examples/quality/text_study.py --teacher /tmp/random_smollm2 --out "$KEEP/warmup.json" warmup \
       ${WARMUP_ARGS:---steps 15,15,10} 2>&1 | tee "$OUT/warmup.log"
-    cp "$OUT/warmup.json" "$KEEP/"
+    cp "$KEEP/warmup.json" "$OUT/"
     ;;
   text)  # teacher samples, then the hybrid and the linear student (each JSON written as soon as it exists)
     mkdir -p "$STUDY_DATA" && cp -r .carry/study/text "$STUDY_DATA/"

@@ -183,7 +183,10 @@ def budget_steps(warmup_json: str, seconds: str, tokens_per_step: int) -> str:
 
 
 def stage_settings(args) -> dict:
-    if getattr(args, "budget_from", None) and Path(args.budget_from).exists():
+    if getattr(args, "budget_from", None):
+        if not Path(args.budget_from).exists():  # once silently fell back to --steps on the H100 (2026-12-07)
+            raise SystemExit(f"--budget-from {args.budget_from}: no such file; run `text_study.py warmup` first "
+                             "or give --steps instead")
         args.steps = budget_steps(args.budget_from, args.stage_seconds, args.batch * args.seq_len)
         print(f"steps per stage from the warm-up's throughput ({args.budget_from}): {args.steps}", flush=True)
     s1, s2, s3 = (max(1, int(x)) for x in args.steps.split(","))  # a stage left out of --stages never runs

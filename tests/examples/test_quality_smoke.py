@@ -129,3 +129,14 @@ def test_vlm_study_teacher_and_student(study, tmp_path):
     assert s["attention_layers"] and s["mamba_layers"] > 0
     mix = (work / "vlm_data" / "text_mix.txt").read_text()  # the students' plain-text share, decoded
     assert s["text_mix_tokens"] == 4000 and 1000 < len(mix.split()) and mix.count("\n\n") >= 1
+
+
+def test_budget_from_a_missing_warmup_is_an_error(tmp_path, monkeypatch):
+    """A --budget-from file that is not there must stop the run, not fall back to the default steps."""
+    monkeypatch.syspath_prepend(str(HERE))
+    import text_study
+
+    args = text_study.build_parser().parse_args(["--out", "-", "student", "--name", "x", "--budget-from",
+                                                 str(tmp_path / "warmup.json")])
+    with pytest.raises(SystemExit, match="no such file"):
+        text_study.stage_settings(args)
