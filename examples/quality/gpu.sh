@@ -65,9 +65,10 @@ case "$STEP" in
     mkdir -p "$STUDY_DATA/vlm" && cp -r .carry/study/vlm/* "$STUDY_DATA/vlm/"
     [ -d .carry/study/text ] && cp -r .carry/study/text "$STUDY_DATA/"  # held-out text; the students' text mix
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/whlvlm/*.whl
-    if [ "$STEP" != vlm-students ]; then
+    if [ "$STEP" != vlm-students ]; then  # a call of its own can train the teacher for 7 minutes
+      budget=150; [ "$STEP" = vlm-teacher ] && budget=420
       python3 examples/quality/vlm_study.py --out "$OUT/vlm_teacher.json" --no-progress ${VLM_ARGS:-} teacher \
-        ${TEACHER_ARGS:---time-budget 150} 2>&1 | tee "$OUT/vlm_teacher.log"
+        ${TEACHER_ARGS:---time-budget $budget} 2>&1 | tee "$OUT/vlm_teacher.log"
     fi
     [ "$STEP" = vlm-teacher ] && exit 0
     for name in ${STUDENTS:-hybrid linear}; do
