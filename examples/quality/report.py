@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 TEXT_SETS = ("kjv", "gcide", "pydocs", "wordnet", "pydoc_topics", "teacher_samples")
@@ -346,26 +347,34 @@ def plot_ablations(tables: dict, png: Path) -> None:
 
 
 def budget_section(raw: Path, out: Path) -> list[str]:
-    """Runs that differ only in budget (`text_<family>-x<N>.json` beside `text_<family>.json`): quality vs tokens."""
+    """Runs of one student that differ only in budget (`text_<family>-x<N>.json`: N times the steps) or in batch at
+    the same tokens (`text_<family>-b<N>.json`: N sequences a step, fewer steps), beside `text_<family>.json`."""
     t = load(raw, "text_teacher")
     families: dict[str, list[dict]] = {}
     for p in sorted(raw.glob("text_*.json")):
         name = p.stem[len("text_"):]
-        family, _, mult = name.rpartition("-x")
-        if name == "teacher" or not (family and mult.isdigit()):
-            family = name
+        m = re.fullmatch(r"(.+)-([xb])(\d+)", name)
+        family, kind = (m.group(1), m.group(2)) if m else (name, "")
         if family != "teacher":
-            families.setdefault(family, []).append({"name": name, **summary(json.loads(p.read_text()), t)})
-    families = {f: sorted(v, key=lambda r: r["tokens"] or 0) for f, v in families.items() if len(v) > 1}
+            r = json.loads(p.read_text())
+            st = r["distill"]["stages"]
+            families.setdefault(family, []).append(
+                {"name": name, "kind": kind, **summary(r, t), "steps": " / ".join(str(st[k]["steps"]) for k in st),
+                 "shape": f"{st['1']['batch_size']} × {st['1']['seq_len']}"})
+    families = {f: sorted(v, key=lambda r: (r["tokens"] or 0, r["kind"])) for f, v in families.items()
+                if len(v) > 1}
     lines = ["## 5. Budget: quality against training tokens", ""]
     if t is None or not families:
         return lines + ["Not run yet.", ""]
-    lines += ["The same student at several token budgets (stages 1 / 2 / 3 scaled together; names ending in -x*N* "
-              "ran *N* times section 1's steps). Ratio, top-1 and KL as in section 4.", "",
-              "| run | tokens | ppl ratio | top-1 | KL | wall s |", "|---|---|---|---|---|---|"]
+    lines += ["The same student at several budgets: names ending in -x*N* ran *N* times section 1's steps (stages "
+              "1 / 2 / 3 scaled together); -b*N* ran section 1's steps with *N* sequences a step: the tokens of a "
+              "longer run in fewer, larger steps, at the same learning rates. Ratio, top-1 and KL as in section 4.",
+              "",
+              "| run | steps | batch × seq | tokens | ppl ratio | top-1 | KL | wall s |",
+              "|---|---|---|---|---|---|---|---|"]
     for rows in families.values():
-        lines += [f"| {r['name']} | {fmt(r['tokens'], 0)} | {fmt(r['ratio'])}× | {fmt(r['top1'], 3)} | "
-                  f"{fmt(r['kl'], 3)} | {fmt(r['seconds'], 0)} |" for r in rows]
+        lines += [f"| {r['name']} | {r['steps']} | {r['shape']} | {fmt(r['tokens'], 0)} | {fmt(r['ratio'])}× | "
+                  f"{fmt(r['top1'], 3)} | {fmt(r['kl'], 3)} | {fmt(r['seconds'], 0)} |" for r in rows]
     plot_budget(families, out / "budget.png")
     return lines + ["", "![mean KL and perplexity ratio against training tokens](budget.png)", ""]
 
@@ -377,15 +386,18 @@ def plot_budget(families: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for family, rows in families.items():
-        x = [r["tokens"] for r in rows]
-        axes[0].plot(x, [r["kl"] for r in rows], "o-", label=family)
-        axes[1].plot(x, [r["ratio"] for r in rows], "o-", label=family)
+    for i, (family, rows) in enumerate(families.items()):
+        line = [r for r in rows if r["kind"] != "b"]
+        for ax, key in zip(axes, ("kl", "ratio")):
+            ax.plot([r["tokens"] for r in line], [r[key] for r in line], "o-", color=f"C{i}", label=family)
+            for r in rows:
+                if r["kind"] == "b":
+                    ax.plot([r["tokens"]], [r[key]], "s", color=f"C{i}", mfc="none", label=f"{r['name']} (fewer steps)")
     for ax, label in zip(axes, ("mean KL to teacher", "perplexity ratio to teacher (geo-mean)")):
         ax.set_xscale("log")
         ax.set_xlabel("training tokens (all stages)")
         ax.set_ylabel(label)
-        ax.legend()
+        ax.legend(fontsize=8)
     axes[1].set_yscale("log")
     fig.tight_layout()
     fig.savefig(png, dpi=110)

@@ -102,13 +102,17 @@ def test_text_study_phases_and_report(study, tmp_path):
     x2 = json.loads((tmp_path / "text_hybrid.json").read_text())  # the report's budget section groups by name
     x2["tokens_seen"] *= 2
     (tmp_path / "text_hybrid-x2.json").write_text(json.dumps(x2))
+    for stage in x2["distill"]["stages"].values():  # the same tokens in larger steps
+        stage["batch_size"] *= 2
+    (tmp_path / "text_hybrid-b4.json").write_text(json.dumps(x2))
     r = subprocess.run([sys.executable, str(HERE / "report.py"), "--raw", str(tmp_path), "--out", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     md = (out / "README.md").read_text()
     assert "| S2+S3 |" in md and "| none |" in md and "| auto |" in md and (out / "ablations.png").exists()
     budget = md.split("## 5. Budget")[1]
-    assert budget.index("| hybrid |") < budget.index("| hybrid-x2 |") and (out / "budget.png").exists()
+    assert budget.index("| hybrid |") < budget.index("| hybrid-b4 |") < budget.index("| hybrid-x2 |")
+    assert "| 4 × 32 |" in budget and (out / "budget.png").exists()
 
 
 def test_vlm_study_teacher_and_student(study, tmp_path):
