@@ -84,7 +84,13 @@ def stage_summary(out_dir: Path, stage: int) -> dict:
     if not rows:
         return {}
     return {"first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "logged": len(rows),
-            "tokens_per_s": rows[-1].get("tokens_per_s"), "curve": [[r.get("step"), r["loss"]] for r in rows]}
+            "tokens_per_s": rows[-1].get("tokens_per_s"), "tokens_counted": rows[-1].get("tokens"),
+            "curve": [[r.get("step"), r["loss"]] for r in rows]}
+
+
+def stage_tokens(cfg, summary: dict) -> int | None:
+    """Fixed-length windows: batch x seq_len x steps; conversations (seq_len None): what the trainer counted."""
+    return cfg.batch_size * cfg.seq_len * cfg.steps if cfg.seq_len else summary.get("tokens_counted")
 
 
 def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str = "mimic", data=None,
@@ -125,18 +131,17 @@ def distill(teacher: str, out_dir: Path, placement, stages: dict, *, init: str =
         result["stages12_from"] = str(stages12_from)
         for k in (1, 2):
             cfg = recipe.stages[k]
+            summary = stage_summary(Path(stages12_from), k)
             result["stages"][k] = {"seconds": None, "shared": True, "steps": cfg.steps, "lr": cfg.lr,
                                    "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                                   "tokens": cfg.batch_size * (cfg.seq_len or 0) * cfg.steps,
-                                   **stage_summary(Path(stages12_from), k)}
+                                   "tokens": stage_tokens(cfg, summary), **summary}
     for k in run_stages:
         t0 = time.time()
         folder = StageRunner(recipe, k, data=data, progress=False, log=log).run()
-        cfg = recipe.stages[k]
-        tokens_per_step = cfg.batch_size * (cfg.seq_len or 0)
+        cfg, summary = recipe.stages[k], stage_summary(out_dir, k)
         result["stages"][k] = {"seconds": round(time.time() - t0, 1), "steps": cfg.steps, "lr": cfg.lr,
                                "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
-                               "tokens": tokens_per_step * cfg.steps, **stage_summary(out_dir, k)}
+                               "tokens": stage_tokens(cfg, summary), **summary}
     result["folder"] = str(folder or seed_folder(teacher, out_dir / "seed", init, seed, student=student))
     return result
 

@@ -217,6 +217,16 @@ def vlm_section(raw: Path, out: Path) -> list[str]:
                      + ", ".join(f"{s} {fmt(100 * v, 1)} %" for s, v in shares.items()) + ")"
                      + (f"; the teacher is at chance on {', '.join(moot)}, so that share says nothing" if moot
                         else ""))
+    for n, r in runs.items():
+        if r:
+            st = r["distill"]["stages"]
+            lines.append(f"- {n}: " + " / ".join(str(st[k]["steps"]) for k in st) + f" steps × {st['1']['batch_size']} "
+                         "rows, " + (f"{fmt(r['tokens_seen'], 0)} tokens" if r.get("tokens_seen")
+                                   else "tokens not in this JSON (see its log)")
+                         + (f" (stages 1–2 shared with {Path(r['distill']['stages12_from']).name})"
+                            if r["distill"].get("stages12_from") else "")
+                         + (f"; {fmt(r['text_mix_tokens'], 0)} plain-text tokens in the mix" if r.get("text_mix_tokens")
+                            else ""))
     plot_curves({n: r for n, r in runs.items() if r}, out / "vlm_loss_curves.png", "VLM students: stage losses")
     lines += ["", "![stage losses](vlm_loss_curves.png)", "", "Runs:", "", f"- teacher: {where(t)}"]
     lines += [f"- {n}: {where(r)}" for n, r in runs.items() if r]

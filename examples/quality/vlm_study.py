@@ -275,6 +275,7 @@ def cmd_student(args) -> int:
               "placement": placement, "attention_layers": student.config.attention_layers,
               "mamba_layers": len(student.config.mamba_layers), "distill": run,
               "text_mix_tokens": args.text_mix_tokens,
+              "tokens_seen": sum(s["tokens"] or 0 for s in run["stages"].values()),
               "samples_seen": {k: s["steps"] * s["batch_size"] for k, s in run["stages"].items()},
               "eval": vlm_eval(student, tok, work, args), "seconds": round(time.time() - t0, 1)}
     write_json(Path(args.out), result)

@@ -132,6 +132,7 @@ def test_vlm_study_teacher_and_student(study, tmp_path):
         assert r["eval"]["easy-vqa"]["n"] == 4
     assert s["attention_layers"] and s["mamba_layers"] > 0
     mix = (work / "vlm_data" / "text_mix.txt").read_text()  # the students' plain-text share, decoded
+    assert s["tokens_seen"] > 0 and all(v["tokens"] > 0 for v in s["distill"]["stages"].values())
     assert s["text_mix_tokens"] == 4000 and 1000 < len(mix.split()) and mix.count("\n\n") >= 1
 
 
