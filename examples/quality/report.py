@@ -155,6 +155,10 @@ def plot_curves(runs: dict, png: Path, title: str) -> None:
 def vlm_section(raw: Path, out: Path) -> list[str]:
     t = load(raw, "vlm_teacher")
     runs = {n: load(raw, f"vlm_{n}") for n in ("hybrid", "linear")}
+    for extra in sorted(raw.glob("vlm_*.json")):  # variants, e.g. vlm_hybrid-mix0.json
+        n = extra.stem[len("vlm_"):]
+        if n not in ("teacher", "hybrid", "linear"):
+            runs[n] = load(raw, extra.stem)
     lines = ["## 2. Vision-language: a HoVLE-style VLM on SmolLM2 → hybrid and linear", ""]
     if t is None:
         return lines + ["Not run yet.", ""]
