@@ -34,6 +34,22 @@ def load(raw: Path, name: str) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
+def student_runs(raw: Path, prefix: str) -> dict[str, dict | None]:
+    """The main students (hybrid, linear; None when not run), then every variant `<prefix>_<name>.json`."""
+    runs = {n: load(raw, f"{prefix}_{n}") for n in ("hybrid", "linear")}
+    for p in sorted(raw.glob(f"{prefix}_*.json")):
+        n = p.stem[len(prefix) + 1:]
+        if n not in ("teacher", *runs):
+            runs[n] = load(raw, p.stem)
+    return runs
+
+
+def text_ratio(r: dict, smollm2: dict) -> float:
+    """Geometric mean over the held-out text sets of a VLM run's perplexity over SmolLM2's."""
+    logs = [math.log(r["eval"]["text"][s]["perplexity"] / smollm2[s]["perplexity"]) for s in smollm2]
+    return math.exp(sum(logs) / len(logs))
+
+
 def fmt(x, nd=2) -> str:
     if x is None:
         return "–"
@@ -54,11 +70,7 @@ def acc(metrics: dict) -> float | None:
 
 # -------------------------------------------------------------------------------------------------- text
 def text_section(raw: Path, out: Path) -> list[str]:
-    t, runs = load(raw, "text_teacher"), {n: load(raw, f"text_{n}") for n in ("hybrid", "linear")}
-    for extra in sorted(raw.glob("text_*.json")):
-        n = extra.stem[len("text_"):]
-        if n not in ("teacher", "hybrid", "linear"):
-            runs[n] = load(raw, extra.stem)
+    t, runs = load(raw, "text_teacher"), student_runs(raw, "text")
     lines = ["## 1. Text: SmolLM2-135M-Instruct → mmMamba-hybrid and mmMamba-linear", ""]
     if t is None:
         return lines + ["Not run yet.", ""]
@@ -154,11 +166,7 @@ def plot_curves(runs: dict, png: Path, title: str) -> None:
 # -------------------------------------------------------------------------------------------------- VLM
 def vlm_section(raw: Path, out: Path) -> list[str]:
     t = load(raw, "vlm_teacher")
-    runs = {n: load(raw, f"vlm_{n}") for n in ("hybrid", "linear")}
-    for extra in sorted(raw.glob("vlm_*.json")):  # variants, e.g. vlm_hybrid-mix0.json
-        n = extra.stem[len("vlm_"):]
-        if n not in ("teacher", "hybrid", "linear"):
-            runs[n] = load(raw, extra.stem)
+    runs = student_runs(raw, "vlm")
     lines = ["## 2. Vision-language: a HoVLE-style VLM on SmolLM2 → hybrid and linear", ""]
     if t is None:
         return lines + ["Not run yet.", ""]
@@ -187,11 +195,7 @@ def vlm_section(raw: Path, out: Path) -> list[str]:
             elif n != "teacher" and a is not None and ta:
                 cell += f" ({fmt(100 * a / ta, 0)} %)"
             cells.append(cell)
-        ratio = None
-        if sm:
-            rs = [r["eval"]["text"][s]["perplexity"] / sm[s]["perplexity"] for s in sm]
-            ratio = math.exp(sum(math.log(x) for x in rs) / len(rs))
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {fmt(ratio)}× |")
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {fmt(text_ratio(r, sm) if sm else None)}× |")
     if sm:
         lines.append("| SmolLM2 (text only) | – | – | – | – | – | 1× |")
     lines += ["", "Accuracy in %; students: share of the teacher's accuracy in brackets. easy-VQA: VQA accuracy over "
@@ -203,8 +207,7 @@ def vlm_section(raw: Path, out: Path) -> list[str]:
     line = (f"- Teacher targets: easy-VQA ≥ 90 %: **{'met' if ev >= 0.9 else 'not met'}** ({fmt(100 * ev, 1)} %); "
             f"Fashion-MNIST ≥ 85 %: **{'met' if fm >= 0.85 else 'not met'}** ({fmt(100 * fm, 1)} %)")
     if sm:
-        rs = [t["eval"]["text"][s]["perplexity"] / sm[s]["perplexity"] for s in sm]
-        tr = math.exp(sum(math.log(x) for x in rs) / len(rs))
+        tr = text_ratio(t, sm)
         line += f"; text perplexity within 1.2× of SmolLM2's: **{'met' if tr <= 1.2 else 'not met'}** ({fmt(tr)}×)"
     lines.append(line)
     for n, limit in TARGETS_VLM.items():
