@@ -291,3 +291,22 @@ def test_in_proj_matches_separate_projections_and_skips_frozen_weights(make_conf
             assert (getattr(m, name).weight.grad is None) == (name in frozen)
         torch.testing.assert_close(m.g_proj.weight.grad, 2 * (g.detach().reshape(-1, 40).T @ u.reshape(-1, 40)))
         torch.testing.assert_close(m.dt_proj.weight.grad, torch.ones(14, 5).T @ u.reshape(-1, 40))
+
+
+@pytest.mark.parametrize("kv", [6, 2, 1])
+def test_inplace_step_equals_step(make_config, randomize, kv):
+    """The decode cache's in-place step (k, v read per KV group) = the functional step, exactly, masks included."""
+    _, _, m = make_pair(make_config, randomize, kv=kv)
+    g = torch.Generator().manual_seed(1)
+    conv, ssm = torch.randn(2, m.conv_dim, 1, generator=g), torch.randn(2, 6, 8, 8, generator=g)
+    conv_i, ssm_i = conv.clone(), ssm.clone()
+    with torch.no_grad():
+        for mask in [None, torch.tensor([False, True]), None]:
+            xBC, _, dt_raw = m.in_proj(torch.randn(2, 48, generator=g))
+            dt, A = m.discretize(dt_raw)
+            y, conv, ssm = m.step(xBC, dt, A, conv, ssm, mask)
+            y_i, c_i, s_i = m.step(xBC, dt, A, conv_i, ssm_i, mask, inplace=True)
+            assert c_i is conv_i and s_i is ssm_i
+            torch.testing.assert_close(y_i, y, rtol=0, atol=0)
+            torch.testing.assert_close(ssm_i, ssm, rtol=0, atol=0)
+            torch.testing.assert_close(conv_i, conv, rtol=0, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmmamba.ops import causal_conv1d, causal_conv1d_step
+from mmmamba.ops import causal_conv1d, causal_conv1d_step, causal_conv1d_step_
 
 
 def hand_conv(x, w, bias, state):
@@ -66,6 +66,16 @@ def test_step_chain_equals_full(k):
         ys.append(y)
     torch.testing.assert_close(torch.stack(ys, 1), y_full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(state, s_full)
+
+
+def test_inplace_step_shifts_the_state_it_is_given():
+    x, w, bias, s = data(l=2, k=4, seed=6)
+    state = s.clone()
+    for t in range(2):
+        y_ref, s_ref = causal_conv1d_step(x[:, t], w, bias, state.clone())
+        y = causal_conv1d_step_(x[:, t], w, bias, state)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+        torch.testing.assert_close(state, s_ref, rtol=0, atol=0)
 
 
 def test_split_prefill_equals_full():

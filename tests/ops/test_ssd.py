@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmmamba.ops import ssd, ssd_chunked, ssd_naive, ssd_step
+from mmmamba.ops import ssd, ssd_chunked, ssd_naive, ssd_step, ssd_step_
 from mmmamba.ops.ssd_ref import ssd_step_state
 
 
@@ -101,6 +101,27 @@ def test_step_chain_equals_naive():
     assert rel(torch.stack(ys, 1), y_ref) <= 1e-6
     assert rel(S, S_ref) <= 1e-6
     assert S.dtype == torch.float32
+
+
+@pytest.mark.parametrize("groups", [6, 3, 1])
+def test_inplace_grouped_step_equals_step(groups):
+    """ssd_step_ on x, B with `groups` heads (each shared by 6 / groups query heads) = ssd_step on them repeated."""
+    x, dt, A, B, C, _, S0 = inputs(l=3, h=6, seed=5)
+    xg, Bg = x[:, :, :groups], B[:, :, :groups]
+    rep = 6 // groups
+    S_ref, S = S0.clone(), S0.clone()
+    for t in range(3):
+        y_ref, S_ref = ssd_step(S_ref, xg[:, t].repeat_interleave(rep, 1), dt[:, t], A,
+                                Bg[:, t].repeat_interleave(rep, 1), C[:, t])
+        y = ssd_step_(S, xg[:, t], dt[:, t], A, Bg[:, t], C[:, t])
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(S, S_ref, rtol=0, atol=0)
+
+
+def test_inplace_step_refuses_a_low_precision_state():
+    x, dt, A, B, C, _, S0 = inputs(l=1)
+    with pytest.raises(ValueError, match="fp32 state"):
+        ssd_step_(S0.bfloat16(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
 
 
 def test_step_state_formula():

@@ -516,9 +516,7 @@ class Engine:
                 mix = p.layer.mixer
                 xBC, g, dt_raw = mix.split_proj(z)
                 dt, A = mix.discretize(dt_raw)
-                y, conv_new, ssm_new = mix.step(xBC, dt, A, c.conv[p.idx], c.ssm[p.idx])
-                c.conv[p.idx].copy_(conv_new)
-                c.ssm[p.idx].copy_(ssm_new)
+                y = mix.step(xBC, dt, A, c.conv[p.idx], c.ssm[p.idx], inplace=True)[0]
                 y = gated_rmsnorm_ref(y.reshape(b, h_ * d), g, p.gnorm_w, p.gnorm_eps, d)
                 h = h + F.linear(y, p.w_o, p.b_o)
             u = rmsnorm_ref(h, p.ln2, p.eps2)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import causal_conv1d, causal_conv1d_step, ssd_step
+from ..ops import causal_conv1d, causal_conv1d_step, causal_conv1d_step_, ssd_step, ssd_step_
 from ..ops.conv_silu import conv_silu
 from ..ops.gla_prep import split_heads
 from ..ops.ssd import ssd_packed
@@ -175,17 +175,26 @@ class Mamba2Mixer(nn.Module):
         return ssd_packed(xc, dt, A, self.num_heads, self.num_kv_heads, self.head_dim, initial_state=initial_state,
                           backend=self.ssd_backend, chunk_size=self.chunk_size, backward=self.ssd_backward)
 
-    def step(self, xBC, dt, A, conv_state, ssm_state, mask=None):
+    def step(self, xBC, dt, A, conv_state, ssm_state, mask=None, inplace: bool = False):
         """One token: xBC (b, conv_dim), dt (b, h) fp32, conv_state (b, conv_dim, k - 1), ssm_state (b, h, d, d)
         fp32, mask (b,) or None -> (y (b, h, d), new conv state, new SSM state). The recurrence is `ops.ssd_step`:
-        S' = exp(dt A) S + k^T (dt v), y = q S'."""
+        S' = exp(dt A) S + k^T (dt v), y = q S'. `inplace` (the decode cache) updates and returns the given states
+        and reads k, v per KV group instead of repeating them to h heads."""
         m = None if mask is None else mask[:, None].to(xBC.dtype)
         if m is not None:
             xBC = xBC * m
-        xc, conv_state = causal_conv1d_step(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+        w, cb = self.conv1d.weight[:, 0], self.conv1d.bias
+        if inplace:
+            xc = causal_conv1d_step_(xBC, w, cb, conv_state)
+        else:
+            xc, conv_state = causal_conv1d_step(xBC, w, cb, conv_state)
         xc = F.silu(xc)
         if m is not None:
             xc = xc * m
+        if inplace:
+            b, (h, kv, d) = xc.shape[0], (self.num_heads, self.num_kv_heads, self.head_dim)
+            v, k, q = (t.view(b, -1, d) for t in xc.split([kv * d, kv * d, h * d], dim=-1))
+            return ssd_step_(ssm_state, v, dt, A, k, q), conv_state, ssm_state
         v, k, q = split_heads(xc[:, None], self.num_heads, self.num_kv_heads, self.head_dim)
         y, ssm_state = ssd_step(ssm_state, v[:, 0], dt, A, k[:, 0], q[:, 0])
         return y, conv_state, ssm_state

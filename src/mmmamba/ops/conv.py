@@ -27,12 +27,23 @@ def causal_conv1d(
     return y, full[:, full.shape[1] - (k - 1) :].transpose(1, 2).contiguous()
 
 
+def _taps(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[c] = bias[c] + sum_j weight[c, j] window[c, j] for a window (b, c, k) of the last k inputs."""
+    y = (window * weight.to(window.dtype)).sum(-1)
+    return y if bias is None else y + bias.to(window.dtype)
+
+
 def causal_conv1d_step(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of `causal_conv1d`. x: (b, c); state: (b, c, k-1). Returns y (b, c) and the new state."""
     window = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)
-    y = (window * weight.to(x.dtype)).sum(-1)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y, window[..., 1:].contiguous()
+    return _taps(window, weight, bias), window[..., 1:].contiguous()
+
+
+def causal_conv1d_step_(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor
+                        ) -> torch.Tensor:
+    """`causal_conv1d_step` that shifts `state` (b, c, k-1) in place (the decode cache): returns y (b, c)."""
+    window = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)
+    state.copy_(window[..., 1:])
+    return _taps(window, weight, bias)

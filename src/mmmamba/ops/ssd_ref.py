@@ -7,7 +7,8 @@ Shapes: x (b, l, h, p); dt (b, l, h), already softplus'd (Delta); A (h,), negati
 state (b, h, n, p). Every implementation returns (y (b, l, h, p), final_state (b, h, n, p)).
 
 `ssd_naive` is the sequential reference; `ssd_chunked` the O(L * chunk) algorithm (the CPU path and the reference of
-the fla kernels, `ops.ssd_fla`); `ssd_step` one decode step; `dt_x` the rounding of v = dt * x shared by every path.
+the fla kernels, `ops.ssd_fla`); `ssd_step` one decode step (`ssd_step_` the same in place, on grouped heads); `dt_x`
+the rounding of v = dt * x shared by every path.
 """
 
 from __future__ import annotations
@@ -49,6 +50,22 @@ def ssd_step(state, x, dt, A, B, C, D=None):
     if D is not None:
         y = y + x.float() * D.view(1, -1, 1).float()
     return y.to(x.dtype), S.to(state.dtype)
+
+
+def ssd_step_(state, x, dt, A, B, C):
+    """`ssd_step` (D = None) that updates `state` (b, h, n, p) fp32 in place, as the decode cache wants. x (b, g, p)
+    and B (b, g, n) may have g heads dividing h (head i reads group i // (h / g), as GQA), so they need no repeat;
+    dt (b, h); C (b, h, n). Same fp32 operations as `ssd_step_state`. Returns y (b, h, p) in x's dtype."""
+    if state.dtype != torch.float32:
+        raise ValueError(f"ssd_step_ updates an fp32 state in place; got {state.dtype} (use ssd_step instead)")
+    b, h, n, p = state.shape
+    g = x.shape[1]
+    S = state.view(b, g, h // g, n, p)
+    dtf = dt.float().view(b, g, -1, 1, 1)
+    S.mul_(torch.exp(dtf * A.float().view(1, g, -1, 1, 1)))
+    S.add_(B.float().view(b, g, 1, n, 1) * (dtf * x.float().view(b, g, 1, 1, p)))
+    y = torch.einsum("bgrn,bgrnp->bgrp", C.float().view(b, g, -1, n), S)
+    return y.reshape(b, h, p).to(x.dtype)
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int = 64):
