@@ -191,10 +191,11 @@ def stage_settings(args) -> dict:
         print(f"steps per stage from the warm-up's throughput ({args.budget_from}): {args.steps}", flush=True)
     s1, s2, s3 = (max(1, int(x)) for x in args.steps.split(","))  # a stage left out of --stages never runs
     mb, mb3 = args.micro_batch, max(1, args.micro_batch // 2)
+    k = getattr(args, "lr_scale", 1.0)
     return {
-        1: dict(steps=s1, lr=1e-3, batch_size=args.batch, micro_batch_size=mb, seq_len=args.seq_len),
-        2: dict(steps=s2, lr=5e-4, batch_size=args.batch, micro_batch_size=mb, seq_len=args.seq_len),
-        3: dict(steps=s3, lr=args.lr3, batch_size=args.batch, micro_batch_size=mb3, seq_len=args.seq_len,
+        1: dict(steps=s1, lr=1e-3 * k, batch_size=args.batch, micro_batch_size=mb, seq_len=args.seq_len),
+        2: dict(steps=s2, lr=5e-4 * k, batch_size=args.batch, micro_batch_size=mb, seq_len=args.seq_len),
+        3: dict(steps=s3, lr=args.lr3 * k, batch_size=args.batch, micro_batch_size=mb3, seq_len=args.seq_len,
                 loss=dict(temperature=1.0, positions="all", ce_weight=0.0, chunk_size=1024)),
     }
 
@@ -331,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--micro-batch", type=int, default=16, help="stages 1-2; stage 3 uses half")
         q.add_argument("--seq-len", type=int, default=2048)
         q.add_argument("--lr3", type=float, default=2e-4, help="stage-3 learning rate (short run: above the paper's)")
+        q.add_argument("--lr-scale", type=float, default=1.0,
+                       help="multiplies every stage's learning rate (1e-3, 5e-4, --lr3): short budgets, see README")
     return p
 
 
