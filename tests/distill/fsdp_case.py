@@ -109,6 +109,7 @@ def main():
                   f"gradients within {worst:.1e}; weights after a step within {worst_w:.1e}")
     if rank == 0:
         print("fsdp ok")
+    dist.barrier()  # both ranks done with every collective before gloo is torn down (a rare abort at exit, once)
     dist.destroy_process_group()
 
 
