@@ -262,6 +262,7 @@ def gate_section(raw: Path) -> list[str]:
     lines += ["", f"Run: {where(g)}", ""]
     paper = load(raw, "text_hybrid")
     variants = {p.stem[len("text_hybrid-"):]: load(raw, p.stem) for p in sorted(raw.glob("text_hybrid-*.json"))}
+    variants = {n: r for n, r in variants.items() if r.get("init", "mimic") != "mimic"}  # inits, not budgets or lr
     if paper and variants:
         sets = list(paper["heldout"])
 
@@ -271,7 +272,7 @@ def gate_section(raw: Path) -> list[str]:
         def lasts(r):
             return " / ".join(fmt(r["distill"]["stages"][k].get("last_loss"), 3) for k in ("1", "2", "3"))
 
-        lines += ["After training at the same budget (section 1's hybrid runs, stages 1 / 2 / 3):", "",
+        lines += ["After training at the same budget (section 1's hybrid runs with each init, stages 1 / 2 / 3):", "",
                   "| hybrid init | mean KL to teacher | last stage losses |", "|---|---|---|",
                   f"| paper (mimic) | {fmt(mean_kl(paper), 3)} | {lasts(paper)} |"]
         lines += [f"| {n} | {fmt(mean_kl(r), 3)} | {lasts(r)} |" for n, r in variants.items()]
@@ -370,8 +371,8 @@ def budget_section(raw: Path, out: Path) -> list[str]:
     families: dict[str, list[dict]] = {}
     for p in sorted(raw.glob("text_*.json")):
         name = p.stem[len("text_"):]
-        m = re.fullmatch(r"(.+)-([xb])(\d+)", name)
-        family, kind = (m.group(1), m.group(2)) if m else (name, "")
+        m = re.fullmatch(r"(.+?)(?:-([xb])(\d+))?(-lr3?x[\d.]+)?", name)
+        family, kind = m.group(1) + (m.group(4) or ""), m.group(2) or ""
         if family != "teacher":
             r = json.loads(p.read_text())
             st = r["distill"]["stages"]
@@ -394,6 +395,39 @@ def budget_section(raw: Path, out: Path) -> list[str]:
                   f"{fmt(r['top1'], 3)} | {fmt(r['kl'], 3)} | {fmt(r['seconds'], 0)} |" for r in rows]
     plot_budget(families, out / "budget.png")
     return lines + ["", "![mean KL and perplexity ratio against training tokens](budget.png)", ""]
+
+
+LR_TAG = re.compile(r"(.+?)-lr(3?)x([\d.]+)")
+
+
+def lr_section(raw: Path) -> list[str]:
+    """Runs named `text_<run>-lrx<K>` (every stage's learning rate times K, `text_study.py --lr-scale`) or
+    `text_<run>-lr3x<K>` (stage 3's alone) beside `text_<run>.json`, the same run at the recipe's rates."""
+    t = load(raw, "text_teacher")
+    pairs = []
+    for p in sorted(raw.glob("text_*-lr*x*.json")):
+        m = LR_TAG.fullmatch(p.stem[len("text_"):])
+        base = load(raw, f"text_{m.group(1)}") if m else None
+        if m and base is not None and t is not None:
+            pairs.append((m.group(1), base, p.stem[len("text_"):], json.loads(p.read_text())))
+    lines = ["## 6. Learning rate at a short budget", ""]
+    if not pairs:
+        return lines + ["Not run yet.", ""]
+
+    def lrs(r):
+        return " / ".join(f"{r['distill']['stages'][k]['lr']:g}" for k in ("1", "2", "3"))
+
+    lines += ["Each run beside the same run at the recipe's learning rates (stage 1 / 2 / 3), same steps and tokens. "
+              "Ratio, top-1 and KL as in section 4.", "",
+              "| run | lr | steps | tokens | ppl ratio | top-1 | KL | baseline ppl ratio | baseline KL |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for base_name, base, name, r in pairs:
+        a, b = summary(r, t), summary(base, t)
+        steps = " / ".join(str(r["distill"]["stages"][k]["steps"]) for k in ("1", "2", "3"))
+        lines.append(f"| {name} | {lrs(r)} | {steps} | {fmt(a['tokens'], 0)} | {fmt(a['ratio'])}× | "
+                     f"{fmt(a['top1'], 3)} | {fmt(a['kl'], 3)} | {fmt(b['ratio'])}× ({base_name}, {lrs(base)}) | "
+                     f"{fmt(b['kl'], 3)} |")
+    return lines + [""]
 
 
 def plot_budget(families: dict, png: Path) -> None:
@@ -435,7 +469,7 @@ def main(argv=None) -> int:
     if args.note:
         head += [args.note, ""]
     body = (text_section(raw, out) + vlm_section(raw, out) + gate_section(raw) + ablation_section(raw, out)
-            + budget_section(raw, out))
+            + budget_section(raw, out) + lr_section(raw))
     (out / "README.md").write_text("\n".join(head + body) + "\n")
     print(f"wrote {out / 'README.md'}")
     return 0

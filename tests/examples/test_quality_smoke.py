@@ -64,6 +64,11 @@ def test_text_study_phases_and_report(study, tmp_path):
     _run("text_study.py", common + ["--out", str(tmp_path / "text_linear-shared.json"), "student", "--name",
                                     "linear-shared", "--placement", "none", "--stages12-from", "hybrid", "--steps",
                                     "2,2,2", "--batch", "2", "--micro-batch", "2", "--seq-len", "32"], data)
+    _run("text_study.py", common + ["--out", str(tmp_path / "text_hybrid-lrx2.json"), "student", "--name",
+                                    "hybrid-lrx2", "--lr-scale", "2", "--steps", "2,2,2", "--batch", "2",
+                                    "--micro-batch", "2", "--seq-len", "32"], data)
+    lrx2 = json.loads((tmp_path / "text_hybrid-lrx2.json").read_text())["distill"]["stages"]
+    assert [lrx2[k]["lr"] for k in "123"] == pytest.approx([2e-3, 1e-3, 4e-4])
     shared = json.loads((tmp_path / "text_linear-shared.json").read_text())
     assert shared["distill"]["stages"]["1"]["shared"] and shared["mamba_layers"] == 4
     assert shared["distill"]["stages"]["2"]["last_loss"] == json.loads(
@@ -113,6 +118,9 @@ def test_text_study_phases_and_report(study, tmp_path):
     budget = md.split("## 5. Budget")[1]
     assert budget.index("| hybrid |") < budget.index("| hybrid-b4 |") < budget.index("| hybrid-x2 |")
     assert "| 4 × 32 |" in budget and (out / "budget.png").exists()
+    assert "| hybrid-lrx2 | 0.002 / 0.001 / 0.0004 |" in md.split("## 6. Learning rate")[1]
+    gate = md.split("## 3.")[1].split("## 4.")[0]  # inits only: budget and learning-rate runs are not init variants
+    assert "| x2 |" not in gate and "| lrx2 |" not in gate
 
 
 def test_vlm_study_teacher_and_student(study, tmp_path):
