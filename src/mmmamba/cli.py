@@ -267,7 +267,8 @@ def cmd_bench_train(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, steps=args.steps, seq_len=args.seq_len, batch=args.batch, placement=args.placement)
+    run_demo(args.out, steps=args.steps, seq_len=args.seq_len, batch=args.batch, placement=args.placement,
+             lr_scale=args.lr_scale)
     return 0
 
 
@@ -412,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seq-len", type=_number(int, 2, what="at least 2"), default=256)
     m.add_argument("--batch", type=POSITIVE, default=4)
     m.add_argument("--placement", default="every:4", help="attention layers of the hybrid (every:K, list, none)")
+    m.add_argument("--lr-scale", type=_number(float, 0, low_open=True, what="a positive factor"), default=1.0,
+                   help="multiplies every stage's learning rate (1e-3, 5e-4, 2e-4)")
     m.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="generate text (optionally about an image) with a model folder")

@@ -20,10 +20,11 @@ import torch
 DEMO_PROMPT = "The \"for\" statement is used to iterate over"
 
 
-def demo_recipe(out: Path, steps: int, seq_len: int, batch: int, placement: str, stage3_steps: int) -> dict:
+def demo_recipe(out: Path, steps: int, seq_len: int, batch: int, placement: str, stage3_steps: int,
+                lr_scale: float = 1.0) -> dict:
     """Recipe dict: the paper's stages and losses, with a short schedule and CPU-sized batches.
     Stage 3 (teacher + student forward and a full backward: ~3x a layer-wise step) runs `stage3_steps` steps, with
-    a larger learning rate than the paper's 5e-5 because the run is short."""
+    a larger learning rate than the paper's 5e-5 because the run is short; `lr_scale` multiplies every stage's."""
     common = dict(steps=steps, seq_len=seq_len, batch_size=batch, micro_batch_size=batch, log_every=5,
                   save_every=10 * steps, keep_checkpoints=0, warmup=0.1, decay=0.1)
     return {
@@ -37,9 +38,9 @@ def demo_recipe(out: Path, steps: int, seq_len: int, batch: int, placement: str,
         "precision": "fp32",
         "defaults": common,
         "stages": {
-            1: {"lr": 1e-3},
-            2: {"lr": 5e-4},
-            3: {"lr": 2e-4, "steps": stage3_steps,
+            1: {"lr": 1e-3 * lr_scale},
+            2: {"lr": 5e-4 * lr_scale},
+            3: {"lr": 2e-4 * lr_scale, "steps": stage3_steps,
                 "loss": {"temperature": 1.0, "positions": "all", "chunk_size": 512}},
         },
     }
@@ -76,7 +77,7 @@ def _sample(model, tokenizer, max_new_tokens: int) -> str:
 
 def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256, batch: int = 4,
              placement: str = "every:4", eval_batches: int = 2, sample_tokens: int = 40,
-             stage3_steps: int | None = None) -> dict:
+             stage3_steps: int | None = None, lr_scale: float = 1.0) -> dict:
     """Seed, distil (stages 1-2: `steps` steps; stage 3: `stage3_steps`, default 3/5 of `steps`), evaluate."""
     from transformers import AutoTokenizer
 
@@ -99,7 +100,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256,
           f"{seeded.config.attention_layers}, {len(seeded.config.mamba_layers)} Mamba-2 layers")
     before = {"perplexity": perplexity(seeded, heldout), "kl_to_teacher": kl_to_teacher(seeded, teacher, heldout)}
     stage3_steps = stage3_steps or max(1, steps * 3 // 5)
-    recipe = parse_recipe(demo_recipe(out, steps, seq_len, batch, placement, stage3_steps), source="mmmamba demo")
+    recipe = parse_recipe(demo_recipe(out, steps, seq_len, batch, placement, stage3_steps, lr_scale),
+                          source="mmmamba demo")
     folders = run_distill(recipe, (1, 2, 3))
     student = load_model(folders[3])
     after = {"perplexity": perplexity(student, heldout), "kl_to_teacher": kl_to_teacher(student, teacher, heldout)}
@@ -108,6 +110,7 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 20, seq_len: int = 256,
     result = {
         "teacher": "SmolLM2-135M-Instruct", "placement": placement, "attention_layers": student.config.attention_layers,
         "steps_per_stage": [steps, steps, stage3_steps], "seq_len": seq_len, "batch": batch,
+        "lr_per_stage": [recipe.stages[k].lr for k in (1, 2, 3)],
         "heldout_tokens": int(sum(int(b["attention_mask"].sum()) for b in heldout)),
         "teacher_perplexity": teacher_ppl, "seeded": before, "distilled": after, "samples": samples,
         "student_dir": str(folders[3]), "seconds": time.time() - t0,
