@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch", type=POSITIVE, default=4)
     m.add_argument("--placement", default="every:4", help="attention layers of the hybrid (every:K, list, none)")
     m.add_argument("--lr-scale", type=_number(float, 0, low_open=True, what="a positive factor"), default=1.0,
-                   help="multiplies every stage's learning rate (1e-3, 5e-4, 2e-4)")
+                   help="multiplies every stage's learning rate (6e-3, 3e-3, 1.2e-3)")
     m.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="generate text (optionally about an image) with a model folder")
